@@ -1,0 +1,30 @@
+# `make demo` and `make test` are the two entry points; both set up .venv/ first.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test demo bench clean
+
+setup: $(VENV)/.installed
+
+# Re-installs only when pyproject.toml changes; a second run reuses the venv.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,demo]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) -m composer_sheared.demo $(DEMO_ARGS)
+
+bench: setup
+	$(PY) bench/mask_overhead.py
+	$(PY) bench/loader_throughput.py
+
+clean:
+	rm -rf runs/demo
