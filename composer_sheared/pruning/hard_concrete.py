@@ -1,0 +1,43 @@
+"""Hard-concrete (L0) gates, Louizos et al. 2018, with the constants of METHOD.md."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+LIMIT_LEFT = -0.1  # l: the stretched interval is (l, r)
+LIMIT_RIGHT = 1.1  # r
+TEMPERATURE = 2.0 / 3.0  # beta in the reference code (the paper's appendix says 0.83)
+EPS = 1e-6
+LOG_ALPHA_MIN = math.log(1e-2)
+LOG_ALPHA_MAX = math.log(1e2)
+# The reference code (CoFi / LLM-Shearing) scores a deterministic gate as sigmoid(log_alpha / beta * 0.8).
+DETERMINISTIC_SCALE = 0.8
+
+
+def sample_gates(log_alpha: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
+    """One stochastic gate per entry: a stretched, clamped binary-concrete sample in [0, 1]."""
+    u = torch.rand_like(log_alpha).clamp(EPS, 1 - EPS)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / temperature)
+    return (s * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0.0, 1.0)
+
+
+def prob_nonzero(log_alpha: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
+    """P(z > 0); the expected number of kept units of a mask is the sum of these."""
+    return torch.sigmoid(log_alpha - temperature * math.log(-LIMIT_LEFT / LIMIT_RIGHT))
+
+
+def soft_values(log_alpha: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
+    """The value a kept unit's gate takes once the masks are deterministic."""
+    return torch.sigmoid(log_alpha / temperature * DETERMINISTIC_SCALE)
+
+
+def topk_gates(log_alpha: torch.Tensor, k: int, temperature: float = TEMPERATURE, binary: bool = False) -> torch.Tensor:
+    """Deterministic gates: per row (last dim), exactly k units with the largest score keep their
+    soft value (or 1 when `binary`), all others are 0."""
+    if not 0 < k <= log_alpha.shape[-1]:
+        raise ValueError(f"cannot keep {k} of {log_alpha.shape[-1]} units per row")
+    idx = log_alpha.topk(k, dim=-1).indices
+    keep = torch.zeros_like(log_alpha, dtype=torch.bool).scatter_(-1, idx, True)
+    values = torch.ones_like(log_alpha) if binary else soft_values(log_alpha, temperature)
+    return torch.where(keep, values, torch.zeros_like(values))

@@ -1,0 +1,237 @@
+"""The pruning masks and their Lagrangian, as one module that lives inside the model.
+
+Structures (created only where the target removes something):
+
+    layer         [L]          attention and MLP output of a layer
+    kv_group      [L, G]       a KV head together with all query heads that read it
+    q_head        [L, G, g]    a query head inside its KV group (target keeps the same count per group)
+    intermediate  [L, m]       the MLP's up * act(gate) product
+    hidden        [d]          every write to and every RMSNorm read of the residual stream
+
+Kept as nn.Parameters of a child module of the HF model so FSDP/DDP shard and sync them and
+every checkpoint of the model carries them. No Composer here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from composer_sheared.pruning.hard_concrete import (
+    LOG_ALPHA_MAX,
+    LOG_ALPHA_MIN,
+    TEMPERATURE,
+    prob_nonzero,
+    sample_gates,
+    topk_gates,
+)
+from composer_sheared.shapes import ModelShape, validate_target
+
+EVAL_SHAPES = ("target", "expected")
+
+
+@dataclass(frozen=True)
+class Structure:
+    name: str
+    shape: tuple
+    target: int  # units kept per row at the end
+
+    @property
+    def row_size(self) -> int:
+        return self.shape[-1]
+
+
+def structures_for(source: ModelShape, target: ModelShape) -> dict[str, Structure]:
+    L, G, g = source.num_layers, source.num_key_value_heads, source.group_size
+    wanted = [
+        ("layer", (L,), target.num_layers),
+        ("kv_group", (L, G), target.num_key_value_heads),
+        ("q_head", (L, G, g), target.group_size),
+        ("intermediate", (L, source.intermediate_size), target.intermediate_size),
+        ("hidden", (source.hidden_size,), target.hidden_size),
+    ]
+    return {n: Structure(n, s, t) for n, s, t in wanted if t < s[-1]}
+
+
+def _ascending(x: torch.Tensor) -> torch.Tensor:
+    """Same value, negated gradient: plain gradient descent on the total loss then *maximises*
+    the Lagrangian in the multipliers, with any optimizer and a positive lr (works under FSDP,
+    where per-parameter hooks or negative learning rates are fragile)."""
+    return 2 * x.detach() - x
+
+
+class ShearingMasks(nn.Module):
+    def __init__(
+        self,
+        source: ModelShape,
+        target: ModelShape,
+        temperature: float = TEMPERATURE,
+        init_mean: float = 5.0,
+        init_std: float = 1e-2,
+        eval_shape: str = "target",
+    ):
+        super().__init__()
+        validate_target(source, target)
+        if eval_shape not in EVAL_SHAPES:
+            raise ValueError(f"eval_shape={eval_shape!r}; expected one of {EVAL_SHAPES}")
+        self.source, self.target = source, target
+        self.temperature, self.eval_shape = float(temperature), eval_shape
+        self.structures = structures_for(source, target)
+        self.log_alpha = nn.ParameterDict(
+            {n: nn.Parameter(torch.empty(s.shape).normal_(init_mean, init_std)) for n, s in self.structures.items()}
+        )
+        self.lambda_1 = nn.ParameterDict({n: nn.Parameter(torch.zeros(())) for n in self.structures})
+        self.lambda_2 = nn.ParameterDict({n: nn.Parameter(torch.zeros(())) for n in self.structures})
+        # Progress of the target warm-up in [0, 1]. A tensor, not a float, so a compiled model
+        # does not recompile when it changes. Derived from the step, so not checkpointed.
+        self.register_buffer("warmup_progress", torch.zeros(()), persistent=False)
+        self.current: dict[str, torch.Tensor | None] = {}
+        self.last_lagrangian: torch.Tensor | None = None
+        self.last_stats: dict[str, torch.Tensor] = {}
+
+    # ---- gates -----------------------------------------------------------------------------
+    def mask_parameters(self) -> list[nn.Parameter]:
+        return list(self.log_alpha.values())
+
+    def lambda_parameters(self) -> list[nn.Parameter]:
+        return list(self.lambda_1.values()) + list(self.lambda_2.values())
+
+    def _eval_k(self, name: str) -> int:
+        st = self.structures[name]
+        if self.eval_shape == "target":
+            return st.target
+        expected = prob_nonzero(self.log_alpha[name], self.temperature).sum(-1).float().mean()
+        return int(min(max(round(expected.item()), 1), st.row_size))
+
+    def deterministic_gates(self, shape: str = "target") -> dict[str, torch.Tensor]:
+        """Top-k gates per row: at the target counts, or at the rounded expected counts."""
+        old, self.eval_shape = self.eval_shape, shape
+        try:
+            return {n: self._deterministic(n) for n in self.structures}
+        finally:
+            self.eval_shape = old
+
+    def _deterministic(self, name: str) -> torch.Tensor:
+        # With tied embeddings one matrix is both the embedding (which would need the hidden gate
+        # folded in) and the LM head (which must not), so kept hidden dims get gate 1 there.
+        binary = name == "hidden" and self.source.tie_word_embeddings
+        return topk_gates(self.log_alpha[name].float(), self._eval_k(name), self.temperature, binary=binary)
+
+    def forward(self) -> dict[str, torch.Tensor | None]:
+        """Draw this forward pass's gates (train) or the deterministic ones (eval) and derive the
+        per-layer multipliers the model hooks read. In training also computes the Lagrangian."""
+        if self.training:
+            z = {n: sample_gates(la.float(), self.temperature) for n, la in self.log_alpha.items()}
+        else:
+            z = {n: self._deterministic(n) for n in self.structures}
+        self.current = self._multipliers(z)
+        if self.training and torch.is_grad_enabled():
+            self.last_lagrangian, self.last_stats = self.lagrangian()
+        return self.current
+
+    def _multipliers(self, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        s = self.source
+        L, G, g, hd = s.num_layers, s.num_key_value_heads, s.group_size, s.head_dim
+        head = out = None
+        if "kv_group" in z or "q_head" in z:
+            ref = z.get("kv_group", z.get("q_head"))
+            kv = z["kv_group"] if "kv_group" in z else ref.new_ones(L, G)
+            q = z["q_head"] if "q_head" in z else ref.new_ones(L, G, g)
+            head = (kv[..., None] * q).reshape(L, G * g).repeat_interleave(hd, dim=1)  # [L, H*hd]
+        if "hidden" in z:
+            layer = z["layer"] if "layer" in z else z["hidden"].new_ones(L)
+            out = layer[:, None] * z["hidden"][None, :]  # [L, d]
+        elif "layer" in z:
+            out = z["layer"][:, None]  # [L, 1], broadcast over d
+        hidden = z.get("hidden")
+        return {
+            "head": head,
+            "intermediate": z.get("intermediate"),
+            "out": out,
+            "hidden": hidden,
+            "hidden_kept": None if hidden is None else (hidden > 0).sum().to(hidden.dtype),
+        }
+
+    @torch.no_grad()
+    def constrain_(self) -> None:
+        """Clamp log_alpha into the reference code's range (call after each optimizer step)."""
+        for p in self.log_alpha.values():
+            p.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+
+    # ---- expectations and the Lagrangian ------------------------------------------------------
+    def keep_probabilities(self) -> dict[str, torch.Tensor]:
+        return {n: prob_nonzero(la.float(), self.temperature) for n, la in self.log_alpha.items()}
+
+    def expected_counts(self) -> dict[str, torch.Tensor]:
+        """Expected kept units per row (mean over rows), differentiable."""
+        return {n: p.sum(-1).mean() for n, p in self.keep_probabilities().items()}
+
+    def expected_num_params(self, probs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Expected parameter count of the pruned model (differentiable); equals
+        ModelShape.num_params() when every probability is 0 or 1."""
+        p = self.keep_probabilities() if probs is None else probs
+        s = self.source
+        L, G, g, hd = s.num_layers, s.num_key_value_heads, s.group_size, s.head_dim
+        ref = next(iter(p.values())) if p else torch.ones(())
+        one = lambda *shape: ref.new_ones(shape)  # noqa: E731
+        layer = p.get("layer", one(L))
+        kv = p.get("kv_group", one(L, G))
+        q = p.get("q_head", one(L, G, g))
+        inter = p.get("intermediate", one(L, s.intermediate_size))
+        d = p["hidden"].sum() if "hidden" in p else ref.new_tensor(float(s.hidden_size))
+        heads = (kv[..., None] * q).sum((1, 2))  # [L]
+        kvs = kv.sum(1)
+        attn = d * hd * (2 * heads + 2 * kvs)
+        if s.qkv_bias:
+            attn = attn + hd * (heads + 2 * kvs)
+        per_layer = attn + 3 * d * inter.sum(1) + 2 * d
+        embed = s.vocab_size * d * (1 if s.tie_word_embeddings else 2)
+        return (layer * per_layer).sum() + d + embed
+
+    def target_fractions(self) -> dict[str, torch.Tensor]:
+        """Per structure, the kept fraction the Lagrangian aims at now: linear from 1 (source)
+        to the final target over the warm-up."""
+        prog = self.warmup_progress.clamp(0, 1)
+        return {n: 1 - (1 - st.target / st.row_size) * prog for n, st in self.structures.items()}
+
+    def lagrangian(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        probs = self.keep_probabilities()
+        targets = self.target_fractions()
+        total = self.warmup_progress.new_zeros(())
+        stats: dict[str, torch.Tensor] = {}
+        for n, st in self.structures.items():
+            frac = probs[n].sum(-1).mean() / st.row_size
+            gap = frac - targets[n]
+            l1, l2 = self.lambda_1[n], self.lambda_2[n]
+            total = total + _ascending(l1) * gap + _ascending(l2) * gap * gap
+            stats[f"expected/{n}"] = (frac * st.row_size).detach()
+            stats[f"target/{n}"] = (targets[n] * st.row_size).detach()
+            stats[f"lambda1/{n}"] = l1.detach()
+            stats[f"lambda2/{n}"] = l2.detach()
+        stats["expected_params"] = self.expected_num_params(probs).detach()
+        stats["lagrangian"] = total.detach()
+        return total, stats
+
+    # ---- checkpoints carry what the masks were built for --------------------------------------
+    def get_extra_state(self):
+        return {
+            "source": self.source.as_dict(),
+            "target": self.target.as_dict(),
+            "temperature": self.temperature,
+            "eval_shape": self.eval_shape,
+        }
+
+    def set_extra_state(self, state) -> None:
+        if not state:
+            return
+        for key in ("source", "target"):
+            if ModelShape(**state[key]) != getattr(self, key):
+                raise ValueError(
+                    f"checkpoint masks were built for {key} {state[key]}, these masks for "
+                    f"{getattr(self, key).as_dict()}"
+                )
+        self.temperature = float(state.get("temperature", self.temperature))
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}{tuple(s.shape)}->{s.target}/row" for n, s in self.structures.items())
