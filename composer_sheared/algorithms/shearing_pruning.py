@@ -1,0 +1,129 @@
+"""ShearingPruning: the Composer adapter around the pruning core.
+
+INIT          attach masks to the HF model, add their param groups to the optimizer
+BATCH_START   clamp log_alpha, set the target warm-up progress from the batch count
+AFTER_LOSS    add the Lagrangian (computed inside the forward pass) to the loss
+BATCH_END     log expected shape, parameters, multipliers and the Lagrangian term
+
+Everything it needs to resume lives in the model (masks, multipliers), the optimizer (their
+moments) and the timestamp (warm-up progress), all of which Composer checkpoints.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+from composer.core import Algorithm, Event, State, Time, TimeUnit
+from composer.loggers import Logger
+from transformers import PreTrainedModel
+
+from composer_sheared.pruning import ShearingMasks, apply_shearing, get_masks
+from composer_sheared.pruning.hard_concrete import TEMPERATURE
+from composer_sheared.shapes import ModelShape
+
+__all__ = ["ShearingPruning", "find_hf_model"]
+
+
+def find_hf_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The HF causal LM inside a Composer model (HuggingFaceModel.model) or the model itself."""
+    for candidate in (model, getattr(model, "model", None), getattr(getattr(model, "_orig_mod", None), "model", None)):
+        if isinstance(candidate, PreTrainedModel):
+            return candidate
+    raise ValueError(
+        f"ShearingPruning needs a HF PreTrainedModel or a Composer HuggingFaceModel wrapping one, got {type(model).__name__}"
+    )
+
+
+class ShearingPruning(Algorithm):
+    """Targeted structured pruning (Sheared-LLaMA) as a Composer algorithm.
+
+    Args:
+        target: a ModelShape, a mapping of ModelShape fields (missing ones are the source's), or
+            a name from ``composer_sheared.shapes.NAMED_SHAPES``.
+        lagrangian_warmup: how long the target moves linearly from the source shape to
+            `target`, e.g. ``"640ba"`` or ``"0.2dur"``.
+        mask_lr, lambda_lr: learning rates of the mask logits and the Lagrange multipliers.
+        eval_shape: ``"target"`` (eval-mode masks keep exactly the target counts, so evaluation
+            shows what the sliced model will do) or ``"expected"`` (the rounded expected counts).
+    """
+
+    def __init__(
+        self,
+        target: ModelShape | Mapping[str, Any] | str,
+        lagrangian_warmup: str | int = "640ba",
+        mask_lr: float = 1.0,
+        lambda_lr: float = 1.0,
+        eval_shape: str = "target",
+        temperature: float = TEMPERATURE,
+        init_mean: float = 5.0,
+    ):
+        self.target = dict(target) if isinstance(target, Mapping) else target
+        self.lagrangian_warmup = Time.from_input(lagrangian_warmup, TimeUnit.BATCH)
+        if self.lagrangian_warmup.unit not in (TimeUnit.BATCH, TimeUnit.DURATION):
+            raise ValueError(f"lagrangian_warmup={lagrangian_warmup!r}: use batches ('640ba') or a fraction ('0.2dur')")
+        self.mask_lr, self.lambda_lr = float(mask_lr), float(lambda_lr)
+        self.eval_shape, self.temperature, self.init_mean = eval_shape, float(temperature), float(init_mean)
+        self._masks: Optional[ShearingMasks] = None
+        self._warmup_batches: Optional[int] = None
+
+    @property
+    def masks(self) -> ShearingMasks:
+        if self._masks is None:
+            raise RuntimeError("ShearingPruning has not been applied yet (Event.INIT)")
+        return self._masks
+
+    def match(self, event: Event, state: State) -> bool:
+        return event in (Event.INIT, Event.BATCH_START, Event.AFTER_LOSS, Event.BATCH_END)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.INIT:
+            hf_model = find_hf_model(state.model)
+            self._masks = apply_shearing(
+                hf_model, self.target, state.optimizers or None, mask_lr=self.mask_lr, lambda_lr=self.lambda_lr,
+                eval_shape=self.eval_shape, temperature=self.temperature, init_mean=self.init_mean,
+            )
+            logger.log_hyperparameters({
+                "shearing/source_params": self._masks.source.num_params(),
+                "shearing/target_params": self._masks.target.num_params(),
+                **{f"shearing/target/{k}": v for k, v in self._masks.target.as_dict().items()},
+            })
+        elif event == Event.BATCH_START:
+            masks = self.masks
+            masks.constrain_()
+            masks.warmup_progress.fill_(self._progress(state))
+        elif event == Event.AFTER_LOSS:
+            lag = self.masks.last_lagrangian
+            if lag is None:
+                raise RuntimeError("no Lagrangian was computed: did the model forward run in train mode?")
+            if isinstance(state.loss, dict):
+                key = "total" if "total" in state.loss else "shearing_lagrangian"
+                state.loss[key] = state.loss.get(key, 0) + lag
+            else:
+                state.loss = state.loss + lag
+            self.masks.last_lagrangian = None  # one Lagrangian per forward (per microbatch)
+        elif event == Event.BATCH_END:
+            stats = self.masks.last_stats
+            if stats:
+                logger.log_metrics({f"shearing/{k}": float(v) for k, v in stats.items()})
+                logger.log_metrics({"shearing/target_params": self.masks.target.num_params()})
+
+    def _progress(self, state: State) -> float:
+        if self._warmup_batches is None:
+            if self.lagrangian_warmup.unit == TimeUnit.BATCH:
+                self._warmup_batches = int(self.lagrangian_warmup.value)
+            else:
+                max_dur = state.max_duration
+                if max_dur is None or max_dur.unit != TimeUnit.BATCH:
+                    raise ValueError(
+                        f"lagrangian_warmup={self.lagrangian_warmup} is a fraction of the run; "
+                        f"that needs max_duration in batches ('3200ba'), got {max_dur}"
+                    )
+                self._warmup_batches = int(self.lagrangian_warmup.value * max_dur.value)
+        if self._warmup_batches <= 0:
+            return 1.0
+        return min(1.0, int(state.timestamp.batch) / self._warmup_batches)
+
+
+def masks_of(model: torch.nn.Module) -> ShearingMasks:
+    """The masks attached to a Composer or HF model."""
+    return get_masks(find_hf_model(model))

@@ -1,0 +1,109 @@
+"""Finalize a pruning run: Composer checkpoint -> sliced HF model directory.
+
+    python -m composer_sheared.prune CHECKPOINT OUT_DIR [--source HF_DIR] [--tokenizer PATH]
+
+The checkpoint is a (full, not sharded) Composer checkpoint of a HuggingFaceModel trained with
+ShearingPruning. The HF config and tokenizer come from the checkpoint's HF metadata (Composer
+stores both) unless --source / --tokenizer are given; the target shape comes from the masks'
+own state. The output is written to a temporary directory and renamed when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.modeling_utils import no_init_weights
+
+from composer_sheared.pruning import apply_shearing, prune_to_target
+from composer_sheared.shapes import ModelShape
+
+MASK_STATE_KEY = "shearing_masks._extra_state"
+
+
+def _fail(msg: str) -> "NoReturn":  # noqa: F821
+    raise SystemExit(f"error: {msg}")
+
+
+def _model_state(checkpoint: Path) -> tuple[dict, dict]:
+    if checkpoint.is_dir():
+        _fail(f"{checkpoint} is a directory; expected a full (monolithic) Composer checkpoint file "
+              "(save with fsdp_config.state_dict_type=full)")
+    if not checkpoint.is_file():
+        _fail(f"checkpoint {checkpoint} does not exist")
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = ckpt["state"]
+        model_sd = state["model"]
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
+        _fail(f"{checkpoint} is not a Composer checkpoint ({type(e).__name__}: {e})")
+    hf_state = state.get("integrations", {}).get("huggingface", {})
+    # HuggingFaceModel prefixes the HF model's keys with "model."
+    prefix = "model." if any(k.startswith("model.model.") for k in model_sd) else ""
+    model_sd = {k[len(prefix):]: v for k, v in model_sd.items() if k.startswith(prefix)}
+    if MASK_STATE_KEY not in model_sd:
+        _fail(f"{checkpoint} holds no pruning masks (no '{prefix}{MASK_STATE_KEY}'); was it trained with ShearingPruning?")
+    return model_sd, hf_state
+
+
+def finalize(checkpoint: str | Path, out_dir: str | Path, source: str | None = None, tokenizer: str | None = None) -> Path:
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if out_dir.exists():
+        _fail(f"output directory {out_dir} already exists")
+    model_sd, hf_state = _model_state(checkpoint)
+    if source is not None:
+        config = AutoConfig.from_pretrained(source)
+    elif "model" in hf_state:
+        content = dict(hf_state["model"]["config"]["content"])
+        config = AutoConfig.for_model(content.pop("model_type"), **content)
+    else:
+        _fail(f"{checkpoint} carries no HF config; pass --source HF_DIR")
+    tok = None
+    if tokenizer is not None:
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    elif hf_state.get("tokenizer"):
+        from composer.models import HuggingFaceModel
+
+        tok = HuggingFaceModel.load_huggingface_tokenizer_from_saved_state(hf_state)
+
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    extra = model_sd[MASK_STATE_KEY]
+    apply_shearing(model, ModelShape(**extra["target"]), temperature=extra.get("temperature", 2 / 3))
+    missing, unexpected = model.load_state_dict(model_sd, strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        _fail(f"checkpoint does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    pruned = prune_to_target(model.eval())
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        pruned.save_pretrained(tmp, safe_serialization=True)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m composer_sheared.prune", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="Composer checkpoint (.pt) of a ShearingPruning run")
+    p.add_argument("out_dir", help="directory to write the sliced HF model to (must not exist)")
+    p.add_argument("--source", help="HF directory whose config.json describes the source (default: from the checkpoint)")
+    p.add_argument("--tokenizer", help="tokenizer path (default: the one stored in the checkpoint)")
+    a = p.parse_args(argv)
+    out = finalize(a.checkpoint, a.out_dir, a.source, a.tokenizer)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
