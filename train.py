@@ -362,6 +362,10 @@ def build_tokenizer(cfg: TrainConfig, src: Optional[Path]):
         return byte_level_tokenizer_from_gguf(src)
     if path is None:
         return None
+    if cfg.model.tokenizer is None and not any(
+        (Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    ):
+        return None  # a random-init / tokenizer-less source directory
     return AutoTokenizer.from_pretrained(path)
 
 
@@ -388,7 +392,7 @@ def configure_fsdp_hooks(model) -> None:
 # ----------------------------------------------------------------------------------------------
 # Dry run
 # ----------------------------------------------------------------------------------------------
-def dry_run(cfg: TrainConfig, out=sys.stdout) -> dict:
+def dry_run(cfg: TrainConfig, out=None) -> dict:
     """Build the source (and target) on the meta device and print the plan; needs no data/weights."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -426,7 +430,7 @@ def dry_run(cfg: TrainConfig, out=sys.stdout) -> dict:
     if cfg.dynamic_loading is not None:
         extras.append(f"loading: rule {cfg.dynamic_loading.rule}, update every {cfg.eval_interval}, reference "
                       f"losses {_plain(cfg.dynamic_loading.reference_losses)}")
-    print(text + "\n" + "\n".join(extras), file=out, flush=True)
+    print(text + "\n" + "\n".join(extras), file=out or sys.stdout, flush=True)
     return plan.as_dict()
 
 

@@ -113,7 +113,7 @@ def _plt():
 
 
 def plot_domain_weights(stages: Sequence[tuple[str, list[dict]]], domains: Sequence[str], out: str | os.PathLike,
-                        prefix: str = "dynamic_loading/proportion/") -> Optional[Path]:
+                        prefix: str = "dbl/weight/") -> Optional[Path]:
     """Domain weights over steps, one panel per stage (e.g. pruning, continued pretraining)."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(stages), figsize=(5.5 * len(stages), 3.8), squeeze=False)
