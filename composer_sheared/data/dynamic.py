@@ -1,8 +1,8 @@
 """DynamicStreamingDataset: per-domain MDS data mixed by proportions that change during training.
 
-Reads ``<local>/<split>/<domain>/`` (as ``data_prep/tokenize_domains.py`` writes it) through one
-Streaming ``StreamingDataset`` per domain, used for random access (local files, or shards
-downloaded on demand from ``remote``). What is read where is decided by ``schedule.py``: a pure
+Reads ``<local>/<split>/<domain>/`` (as ``data_prep/tokenize_domains.py`` writes it) through
+Streaming's shard readers, by random access (local files, or shards downloaded on demand from
+``remote``; see ``reader.py``). What is read where is decided by ``schedule.py``: a pure
 function of (seed, global batch index, change log), which is what makes multi-worker loading,
 multi-rank loading and exact resume agree.
 
@@ -26,6 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from composer_sheared.data.control import MAX_WORKERS, NUM_WORKERS, START_BATCH, ControlBlock
 from composer_sheared.data.mixing import validate_proportions
+from composer_sheared.data.reader import MDSDirectory
 from composer_sheared.data.schedule import DomainOrder, batch_plan, counts_before, proportions_at
 
 __all__ = ["DynamicStreamingDataset", "resolve_world", "token_item"]
@@ -58,17 +59,13 @@ def token_item(tokens: np.ndarray, domain_id: int, sample_id: Optional[int] = No
     return item
 
 
-def _open_domain(local: str, remote: Optional[str], split: str, domain: str, batch_size: int,
-                 streaming_kwargs: dict):
-    from streaming import StreamingDataset
-
+def _open_domain(local: str, remote: Optional[str], split: str, domain: str, reader_kwargs: dict) -> MDSDirectory:
     dom_local = os.path.join(local, split, domain)
     dom_remote = None if remote is None else os.path.join(remote, split, domain)
     if dom_remote is None and not os.path.isfile(os.path.join(dom_local, "index.json")):
         raise FileNotFoundError(f"domain {domain!r} split {split!r}: no MDS index at "
                                 f"{os.path.join(dom_local, 'index.json')} (run data_prep/tokenize_domains.py)")
-    return StreamingDataset(local=dom_local, remote=dom_remote, batch_size=batch_size, shuffle=False,
-                            **streaming_kwargs)
+    return MDSDirectory(dom_local, dom_remote, **reader_kwargs)
 
 
 class DynamicStreamingDataset(IterableDataset):
@@ -90,7 +87,8 @@ class DynamicStreamingDataset(IterableDataset):
         rank, world_size: override the distributed setup (both or neither).
         return_sample_ids: add ``sample_id`` (index inside the domain) to each item.
         max_changes: capacity of the shared change log.
-        streaming_kwargs: extra keyword arguments for each domain's ``StreamingDataset``.
+        reader_kwargs: ``download_retry``, ``download_timeout``, ``allow_unsafe_types`` for the
+            shard readers (see ``reader.MDSDirectory``).
 
     Items: ``{"input_ids": LongTensor[T], "labels": LongTensor[T], "domain_id": int}``.
     Use it with ``DataLoader(ds, batch_size=batch_size, num_workers=...)``; the stream has no end,
@@ -101,7 +99,7 @@ class DynamicStreamingDataset(IterableDataset):
                  split: str = "train", remote: Optional[str] = None, shuffle: bool = True, seed: int = 17, *,
                  lookahead: Optional[int] = None, rank: Optional[int] = None,
                  world_size: Optional[int] = None, return_sample_ids: bool = False, max_changes: int = 8192,
-                 streaming_kwargs: Optional[dict] = None):
+                 reader_kwargs: Optional[dict] = None):
         super().__init__()
         self.domains = list(domains)
         if not self.domains:
@@ -119,9 +117,9 @@ class DynamicStreamingDataset(IterableDataset):
         self._rank_override = (rank, world_size) if (rank is not None or world_size is not None) else None
         resolve_world(rank, world_size)  # fail early on a bad override
 
-        kwargs = dict(streaming_kwargs or {})
-        self._streams = [_open_domain(local, remote, split, d, self.batch_size, kwargs) for d in self.domains]
-        self.sizes = [int(s.num_samples) for s in self._streams]
+        kwargs = dict(reader_kwargs or {})
+        self._streams = [_open_domain(local, remote, split, d, kwargs) for d in self.domains]
+        self.sizes = [len(s) for s in self._streams]
         for d, n in zip(self.domains, self.sizes):
             if n == 0:
                 raise ValueError(f"domain {d!r} split {split!r} under {local} has no samples")

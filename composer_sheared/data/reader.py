@@ -1,0 +1,55 @@
+"""Random access to one MDS directory through Streaming's ``Stream`` and shard readers.
+
+DynamicStreamingDataset only needs "give me sample i of domain d"; a ``StreamingDataset`` per
+domain would also register shared memory for its own partitioning and caching (and in
+mosaicml-streaming 0.13 every new instance keeps descriptors to all earlier ones' segments
+open), none of which is used here. ``Stream.get_shards`` gives the same readers Streaming uses
+internally; a missing shard is fetched from ``remote`` (and decompressed) by
+``Stream.prepare_shard``, exactly as ``StreamingDataset.get_item`` does. Plain picklable
+objects, so DataLoader workers get their own copy.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import numpy as np
+from streaming.base.stream import Stream
+from streaming.base.world import World
+
+from streaming.base.constant import DEFAULT_TIMEOUT
+
+__all__ = ["MDSDirectory"]
+
+
+class MDSDirectory:
+    """Samples of ``local`` (optionally mirrored from ``remote``) by global index."""
+
+    def __init__(self, local: str, remote: Optional[str] = None, download_retry: int = 2,
+                 download_timeout: float = DEFAULT_TIMEOUT, allow_unsafe_types: bool = False):
+        if remote is None and not os.path.isfile(os.path.join(local, "index.json")):
+            raise FileNotFoundError(f"no MDS index at {os.path.join(local, 'index.json')}")
+        self.stream = Stream(remote=remote, local=local)
+        self.stream.apply_default({"split": None, "download_retry": download_retry,
+                                   "download_timeout": download_timeout, "validate_hash": None,
+                                   "keep_zip": False})
+        self.shards = self.stream.get_shards(World.detect(), allow_unsafe_types)
+        counts = np.array([s.samples for s in self.shards], dtype=np.int64)
+        self._ends = np.cumsum(counts)
+        self.num_samples = int(self._ends[-1]) if len(counts) else 0
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        if not 0 <= idx < self.num_samples:
+            raise IndexError(f"sample {idx} out of range for {self.stream.local} ({self.num_samples} samples)")
+        shard_id = int(np.searchsorted(self._ends, idx, side="right"))
+        local_idx = idx - (int(self._ends[shard_id - 1]) if shard_id else 0)
+        shard = self.shards[shard_id]
+        try:
+            return shard[local_idx]
+        except FileNotFoundError:
+            # Not downloaded (or only the compressed form is local): fetch/extract, then read.
+            self.stream.prepare_shard(shard)
+            return shard[local_idx]
