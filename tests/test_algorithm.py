@@ -1,0 +1,132 @@
+"""ShearingPruning inside a real Composer Trainer on CPU."""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from composer.core import Callback, Event
+from composer.loggers import InMemoryLogger
+from transformers import AutoModelForCausalLM
+
+from composer_sheared import ModelShape, prune_to_target
+from composer_sheared.algorithms import find_hf_model
+from tests.composer_helpers import TARGET, make_trainer
+from tests.tiny import tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_trainer_drives_expected_params_to_target():
+    logger = InMemoryLogger()
+    trainer, algo = make_trainer(max_duration="120ba", warmup="20ba", loggers=[logger])
+    trainer.fit()
+    masks = algo.masks
+    target = masks.target.num_params()
+    expected = masks.expected_num_params().item()
+    assert abs(expected - target) / target < 0.05, (expected, target)
+    # It really moved: the source is more than 2x the target.
+    assert masks.source.num_params() > 2 * target
+    losses = [v for _, v in logger.data["loss/train/total"]]
+    assert all(math.isfinite(float(v)) for v in losses)
+    logged = logger.data["shearing/expected_params"]
+    assert len(logged) == 120 and abs(float(logged[-1][1]) - target) / target < 0.06
+    for key in ("shearing/lambda1/hidden", "shearing/expected/kv_group", "shearing/lagrangian"):
+        assert key in logger.data
+    sliced = prune_to_target(find_hf_model(trainer.state.model).eval())
+    assert ModelShape.from_hf_config(sliced.config) == masks.target
+    assert sliced.config.num_hidden_layers == TARGET["num_layers"]
+    assert sliced.config.num_key_value_heads == TARGET["num_key_value_heads"]
+
+
+class _Crash(Callback):
+    def __init__(self, at):
+        self.at = at
+
+    def run_event(self, event, state, logger):
+        if event == Event.BATCH_START and int(state.timestamp.batch) == self.at:
+            raise KeyboardInterrupt("simulated preemption")
+
+
+def _final_state(trainer, algo):
+    masks = algo.masks
+    return {
+        **{f"la/{k}": v.detach().clone() for k, v in masks.log_alpha.items()},
+        **{f"l1/{k}": v.detach().clone() for k, v in masks.lambda_1.items()},
+        **{f"l2/{k}": v.detach().clone() for k, v in masks.lambda_2.items()},
+        "w": find_hf_model(trainer.state.model).model.layers[0].mlp.up_proj.weight.detach().clone(),
+        "loss": trainer.state.loss.detach().clone(),
+    }
+
+
+def test_resume_matches_uninterrupted(tmp_path):
+    full, algo = make_trainer(max_duration="12ba", warmup="6ba")
+    full.fit()
+    ref = _final_state(full, algo)
+
+    kw = dict(max_duration="12ba", warmup="6ba", save_folder=str(tmp_path / "ckpt"), save_interval="5ba",
+              run_name="resume-test", autoresume=True)
+    first, _ = make_trainer(callbacks=[_Crash(at=7)], **kw)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    first.close()
+    assert (tmp_path / "ckpt" / "ep0-ba5-rank0.pt").exists()
+    resumed, algo2 = make_trainer(**kw)
+    assert int(resumed.state.timestamp.batch) == 5
+    resumed.fit()
+    got = _final_state(resumed, algo2)
+    assert int(resumed.state.timestamp.batch) == 12
+    for k in ref:
+        assert torch.allclose(ref[k], got[k], atol=1e-6, rtol=0), k
+
+
+def test_finalize_cli_from_composer_checkpoint(tmp_path):
+    tok = tiny_tokenizer()
+    trainer, algo = make_trainer(max_duration="6ba", warmup="3ba", tokenizer=tok,
+                                 save_folder=str(tmp_path / "ckpt"), save_interval="6ba")
+    trainer.fit()
+    ckpt = tmp_path / "ckpt" / "ep0-ba6-rank0.pt"
+    assert ckpt.exists()
+    out = tmp_path / "pruned"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "composer_sheared.prune", str(ckpt), str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert ModelShape.from_hf_config(loaded.config) == algo.masks.target
+    hf = find_hf_model(trainer.state.model).eval()
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        assert (hf(ids).logits - loaded(ids).logits).abs().max() <= 1e-4
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out)("w5 w7").input_ids == tok("w5 w7").input_ids
+    # A second run into the same directory refuses rather than overwriting.
+    again = subprocess.run([sys.executable, "-m", "composer_sheared.prune", str(ckpt), str(out)],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode != 0 and "already exists" in again.stderr
+    bad = subprocess.run([sys.executable, "-m", "composer_sheared.prune", str(tmp_path / "nope.pt"), str(tmp_path / "o2")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode != 0 and "nope.pt does not exist" in bad.stderr
+    assert not (tmp_path / "o2").exists()
+
+
+def test_two_ranks_keep_identical_masks(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "composer.cli.launcher", "-n", "2", "--master_port", "29611",
+         str(ROOT / "tests" / "two_rank_prune.py"), str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0 = torch.load(tmp_path / "masks-rank0.pt")
+    r1 = torch.load(tmp_path / "masks-rank1.pt")
+    assert r0.keys() == r1.keys() and len(r0) > 1
+    for k in (k for k in r0 if k != "_last_gates"):
+        assert torch.equal(r0[k], r1[k]), k
+    # The masks trained (they left their initial value), so equality is not trivial.
+    assert (r0["log_alpha.hidden"] - 5.0).abs().max() > 0.5
+    # Each rank drew its own gates (different random streams), yet the parameters agree.
+    assert not torch.equal(r0["_last_gates"], r1["_last_gates"])
