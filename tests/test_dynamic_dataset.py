@@ -217,3 +217,51 @@ def test_exact_resume_through_composer_checkpoint(data_root, tmp_path):
     assert part == full[:6]
     rest, _ = _trainer_run(data_root, tmp_path / "cut", "cut", "14ba")  # autoresume from ba4
     assert rest == full[4:]
+
+
+def test_set_before_iteration_applies_from_the_first_batch(data_root):
+    ds = DynamicStreamingDataset(data_root, DOMAINS, [1, 0, 0], batch_size=4)
+    assert ds.set_proportions([0, 0, 1]) == 0
+    batch = next(iter(DataLoader(ds, batch_size=4, num_workers=0)))
+    assert batch["domain_id"].tolist() == [2, 2, 2, 2]
+
+
+def _rank_main(rank, world, root, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        ds = DynamicStreamingDataset(root, DOMAINS, [0.5, 0.3, 0.2], batch_size=5, seed=9)  # rank from dist
+        it = iter(DataLoader(ds, batch_size=5, num_workers=1))
+        got = [ids(next(it)) for _ in range(20)]
+        start = ds.set_proportions([0.0, 1.0, 0.0], current_batch=20)
+        got += [ids(next(it)) for _ in range(20, start + 3)]
+        np.save(os.path.join(out, f"rank{rank}.npy"), np.array(got))
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_real_ranks_with_gloo(data_root, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    import multiprocessing as mp
+
+    # fork: the ranks inherit the imports (spawn would re-import torch and this module per rank)
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, data_root, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    r0, r1 = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
+    for k in range(len(r0)):
+        glob = [tuple(x) for x in r0[k]] + [tuple(x) for x in r1[k]]
+        assert len(set(glob)) == 10, f"batch {k}: ranks overlap"
+    doms = [[d for d, _ in b] for b in np.concatenate([r0, r1], axis=1).tolist()]
+    for k in range(20):
+        assert doms[k] == draw_domains(9, k, 10, np.array([0.5, 0.3, 0.2])).tolist()
+    assert all(d == 1 for b in doms[-3:] for d in b)  # the change reached both ranks at the same batch

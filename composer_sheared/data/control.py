@@ -23,7 +23,7 @@ import numpy as np
 __all__ = ["ControlBlock"]
 
 _HEADER = 8
-VERSION, N_CHANGES, START_BATCH, NUM_WORKERS, EPOCH = range(5)
+VERSION, N_CHANGES, START_BATCH, NUM_WORKERS, RANK, WORLD_SIZE = range(6)
 MAX_WORKERS = 512
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from composer_sheared.data.control import MAX_WORKERS, NUM_WORKERS, START_BATCH, ControlBlock
+from composer_sheared.data.control import MAX_WORKERS, NUM_WORKERS, RANK, START_BATCH, WORLD_SIZE, ControlBlock
 from composer_sheared.data.mixing import validate_proportions
 from composer_sheared.data.reader import MDSDirectory
 from composer_sheared.data.schedule import DomainOrder, batch_plan, counts_before, proportions_at
@@ -115,7 +115,8 @@ class DynamicStreamingDataset(IterableDataset):
         self.batch_size, self.shuffle, self.seed = int(batch_size), bool(shuffle), int(seed)
         self.lookahead, self.return_sample_ids = lookahead, return_sample_ids
         self._rank_override = (rank, world_size) if (rank is not None or world_size is not None) else None
-        resolve_world(rank, world_size)  # fail early on a bad override
+        if self._rank_override is not None:
+            resolve_world(rank, world_size)  # fail early on a bad override
 
         kwargs = dict(reader_kwargs or {})
         self._streams = [_open_domain(local, remote, split, d, kwargs) for d in self.domains]
@@ -126,11 +127,25 @@ class DynamicStreamingDataset(IterableDataset):
 
         self._control = ControlBlock(len(self.domains), capacity=max_changes)
         self._control.write_changes([(0, p0)])
+        self.world()  # records the process group's rank for the workers if there is one already
 
     # -- world ----------------------------------------------------------------------------
     def world(self) -> tuple[int, int]:
+        """(rank, world size): override, else torch.distributed, else what the main process saw, else env.
+
+        DataLoader workers never see an initialised process group, so whenever the main process
+        does, it records rank and world size in the shared block for them.
+        """
         if self._rank_override is not None:
             return resolve_world(*self._rank_override)
+        dist = torch.distributed
+        header = self._control.header
+        if dist.is_available() and dist.is_initialized():
+            rank, world = resolve_world()
+            header[RANK], header[WORLD_SIZE] = rank, world
+            return rank, world
+        if int(header[WORLD_SIZE]) > 0:
+            return resolve_world(int(header[RANK]), int(header[WORLD_SIZE]))
         return resolve_world()
 
     @property
@@ -158,7 +173,8 @@ class DynamicStreamingDataset(IterableDataset):
         Composer: ``state.timestamp.batch_in_epoch``). With it, the start batch is
         ``current_batch + lookahead`` on every rank and in every rerun, which exact resume
         needs. Without it the change starts right after what workers have already claimed
-        (takes effect sooner; the exact batch then depends on timing).
+        (takes effect sooner; the exact batch then depends on timing), or at the start batch if
+        no iteration is running yet.
         """
         p = validate_proportions(proportions, len(self.domains))
         ctrl = self._control
@@ -167,7 +183,9 @@ class DynamicStreamingDataset(IterableDataset):
         # stride of margin past the furthest claim.
         safe = max(ctrl.max_claim(), int(ctrl.header[START_BATCH]) - 1) + 1 + workers
         if current_batch is None:
-            start = safe
+            # Nothing claimed since the (re)start: no batch is in flight, so the change can apply
+            # from the very next batch.
+            start = int(ctrl.header[START_BATCH]) if ctrl.max_claim() < int(ctrl.header[START_BATCH]) else safe
         else:
             lookahead = self.lookahead if self.lookahead is not None else max(8, 3 * int(ctrl.header[NUM_WORKERS]) + 2)
             start = int(current_batch) + lookahead
