@@ -231,7 +231,8 @@ def _rank_main(rank, world, root, port, out):
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         ds = DynamicStreamingDataset(root, DOMAINS, [0.5, 0.3, 0.2], batch_size=5, seed=9)  # rank from dist
-        it = iter(DataLoader(ds, batch_size=5, num_workers=1))
+        # spawn-started workers (the macOS default) see no process group and no RANK env
+        it = iter(DataLoader(ds, batch_size=5, num_workers=1, multiprocessing_context="spawn"))
         got = [ids(next(it)) for _ in range(20)]
         start = ds.set_proportions([0.0, 1.0, 0.0], current_batch=20)
         got += [ids(next(it)) for _ in range(20, start + 3)]
