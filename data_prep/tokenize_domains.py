@@ -232,7 +232,8 @@ def _tokenize_file(job: _Job) -> _FileResult:
     doc_lens: dict[str, list[int]] = {}
 
     def flush(batch: list[tuple[str, str]]) -> None:
-        enc = tok([t for _, t in batch], add_special_tokens=False)["input_ids"]
+        # verbose=False: documents longer than model_max_length are fine, they get cut later
+        enc = tok([t for _, t in batch], add_special_tokens=False, verbose=False)["input_ids"]
         for (domain, _), ids in zip(batch, enc):
             arr = np.empty(len(ids) + 1, dtype=np.int64)
             arr[:-1] = ids
