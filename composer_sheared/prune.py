@@ -69,7 +69,9 @@ def finalize(checkpoint: str | Path, out_dir: str | Path, source: str | None = N
     elif hf_state.get("tokenizer"):
         from composer.models import HuggingFaceModel
 
-        tok = HuggingFaceModel.load_huggingface_tokenizer_from_saved_state(hf_state)
+        # Composer otherwise unpacks the tokenizer files into the current directory.
+        with tempfile.TemporaryDirectory() as tok_dir:
+            tok = HuggingFaceModel.load_huggingface_tokenizer_from_saved_state(hf_state, tokenizer_save_dir=tok_dir)
 
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config)

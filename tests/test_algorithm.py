@@ -107,10 +107,29 @@ def test_finalize_cli_from_composer_checkpoint(tmp_path):
     again = subprocess.run([sys.executable, "-m", "composer_sheared.prune", str(ckpt), str(out)],
                            capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode != 0 and "already exists" in again.stderr
+    assert not list(Path.cwd().glob("tokenizer-save-dir-*"))
     bad = subprocess.run([sys.executable, "-m", "composer_sheared.prune", str(tmp_path / "nope.pt"), str(tmp_path / "o2")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode != 0 and "nope.pt does not exist" in bad.stderr
     assert not (tmp_path / "o2").exists()
+
+
+def test_composer_compile_config_compiles_once():
+    import torch._dynamo as dynamo
+
+    graphs = []
+
+    class Count(Callback):
+        def batch_end(self, state, logger):
+            graphs.append(dynamo.utils.counters["stats"]["unique_graphs"])
+
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    trainer, _ = make_trainer(max_duration="5ba", warmup="3ba", compile_config={"backend": "aot_eager"},
+                              callbacks=[Count()])
+    trainer.fit()
+    assert graphs[0] >= 1 and graphs[-1] == graphs[0], graphs
+    assert math.isfinite(float(trainer.state.loss))
 
 
 def test_two_ranks_keep_identical_masks(tmp_path):
