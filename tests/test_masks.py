@@ -122,6 +122,24 @@ def test_activation_checkpointing_gives_same_gradients():
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_weight_folding_and_activation_gating_train_alike():
+    grads, losses = [], []
+    for fold in (False, True):
+        model = tiny_model(seed=5)
+        masks = apply_shearing(model, TARGET, fold_into_weights=fold)
+        randomize_masks(masks, scale=1.0)
+        model.train()
+        torch.manual_seed(12)
+        ids = torch.randint(0, 96, (2, 7))
+        loss = model(ids, labels=ids).loss + masks.last_lagrangian
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad for p in masks.mask_parameters()] + [model.model.layers[1].self_attn.o_proj.weight.grad])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_torch_compile_does_not_recompile_each_step():
     import torch._dynamo as dynamo
 

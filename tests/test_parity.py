@@ -28,24 +28,25 @@ CASES = {
 }
 
 
-def _masked_and_sliced(family, overrides, target, attn="eager", seed=0, probe=None):
+def _masked_and_sliced(family, overrides, target, attn="eager", seed=0, probe=None, fold=None):
     """Masked source, its masks and the sliced model; with `probe` ids, also the dense logits."""
     model = tiny_model(family, seed=seed, **{"attn_implementation": attn, **overrides}).eval()
     dense = None
     if probe is not None:
         with torch.no_grad():
             dense = model(probe).logits
-    masks = apply_shearing(model, target)
+    masks = apply_shearing(model, target, fold_into_weights=fold)
     randomize_masks(masks, seed=seed + 1)
     return model, masks, prune_to_target(model), dense
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn,fold", [("eager", False), ("sdpa", True)])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_masked_equals_sliced(case, attn):
+def test_masked_equals_sliced(case, attn, fold):
+    """Both ways of gating o_proj/down_proj (activations or folded weights), both attentions."""
     family, overrides, target = CASES[case]
     ids = torch.randint(0, 96, (3, 11), generator=torch.Generator().manual_seed(3))
-    model, masks, sliced, dense_logits = _masked_and_sliced(family, overrides, target, attn, probe=ids)
+    model, masks, sliced, dense_logits = _masked_and_sliced(family, overrides, target, attn, probe=ids, fold=fold)
     with torch.no_grad():
         masked_logits = model(ids).logits
         sliced_logits = sliced(ids).logits

@@ -1,20 +1,21 @@
-"""Attach ShearingMasks to a HF Llama-family model with hooks, without copying its modelling code.
+"""Attach ShearingMasks to a HF Llama-family model without copying its modelling code.
 
 Where each gate acts (METHOD.md, mask table):
-  - a pre-hook on the CausalLM draws the gates once per forward pass;
-  - o_proj input   x head gates          (each head's context vector);
-  - down_proj input x intermediate gates (the up * act(gate) product);
-  - o_proj / down_proj output x layer gate x hidden gates;
-  - embedding output x hidden gates;
+  - a forward pre-hook on the CausalLM draws the gates once per forward pass;
+  - o_proj: input features x head gates (each head's context vector), outputs x layer x hidden;
+  - down_proj: input features x intermediate gates, outputs x layer x hidden;
+  - embedding output x hidden gates (a forward hook);
   - every RMSNorm: variance over the kept hidden dims only, output x hidden gates.
-Because every write to the residual stream is gated, the stream is exactly zero on dropped
-dims, so the masked model computes what the sliced one will.
+o_proj, down_proj and the norms get an instance-level `forward` (the module, its parameters and
+state-dict keys stay HF's). Because every write to the residual stream is gated, the stream is
+exactly zero on dropped dims, so the masked model computes what the sliced one will.
 """
 from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from composer_sheared.pruning.hard_concrete import TEMPERATURE
@@ -51,49 +52,80 @@ def _masked_rmsnorm(norm: nn.Module, masks: ShearingMasks):
         h = hidden_states.to(torch.float32)
         variance = h.pow(2).sum(-1, keepdim=True) / cur["hidden_kept"]
         h = h * torch.rsqrt(variance + eps)
-        return norm.weight * h.to(dtype) * cur["hidden"].to(dtype)
+        # Gate the [d] weight, not the [tokens, d] output: same result, one small multiply.
+        return (norm.weight * cur["hidden"].to(norm.weight.dtype)) * h.to(dtype)
 
     return forward
 
 
-def _scale_input(key: str, layer: int, masks: ShearingMasks):
-    def hook(module, args):
-        x = args[0]
-        return (x * masks.current[key][layer].to(x.dtype),) + tuple(args[1:])
+def _gated_linear(linear: nn.Linear, masks: ShearingMasks, layer: int, in_key: str | None, out_key: str | None,
+                  fold: bool | None):
+    """`linear` with its input features scaled by gates `in_key` and its outputs by `out_key`.
 
-    return hook
+    Two equal ways to compute it: scale the activations (cost ~ tokens * (in + out)), or scale
+    the weight (~ 2 * in * out, and only a weight-sized tensor saved for backward). The cheaper
+    one is picked from the shapes (static per compiled graph) unless `fold` forces one.
+    """
+    weight_cost = 2 * linear.in_features * linear.out_features
+    act_per_token = linear.in_features + linear.out_features
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        cur = masks.current
+        g_in = None if in_key is None else cur[in_key][layer]
+        g_out = None if out_key is None else cur[out_key][layer]
+        use_weight = fold if fold is not None else (x.numel() // x.shape[-1]) * act_per_token > weight_cost
+        if use_weight:
+            w = linear.weight
+            if g_out is not None:
+                w = w * g_out.to(w.dtype)[:, None]
+            if g_in is not None:
+                w = w * g_in.to(w.dtype)[None, :]
+            return F.linear(x, w, linear.bias)
+        if g_in is not None:
+            x = x * g_in.to(x.dtype)
+        y = F.linear(x, linear.weight, linear.bias)
+        return y if g_out is None else y * g_out.to(y.dtype)
+
+    return forward
 
 
-def _scale_output(key: str, layer: int | None, masks: ShearingMasks):
+def _scale_embedding(masks: ShearingMasks):
     def hook(module, args, out):
-        m = masks.current[key]
-        m = m if layer is None else m[layer]
-        return out * m.to(out.dtype)
+        return out * masks.current["hidden"].to(out.dtype)
 
     return hook
 
 
-def _register(model: nn.Module, masks: ShearingMasks) -> list:
+def _patched_modules(model: nn.Module) -> list[nn.Module]:
+    base = model.model
+    mods = [base.norm]
+    for layer in base.layers:
+        mods += [layer.input_layernorm, layer.post_attention_layernorm, layer.self_attn.o_proj, layer.mlp.down_proj]
+    return mods
+
+
+def _register(model: nn.Module, masks: ShearingMasks, fold: bool | None) -> list:
     st = masks.structures
     base = model.model
+
     def draw_gates(module, args):
         masks()
 
     handles = [model.register_forward_pre_hook(draw_gates)]
     if "hidden" in st:
-        handles.append(base.embed_tokens.register_forward_hook(_scale_output("hidden", None, masks)))
+        handles.append(base.embed_tokens.register_forward_hook(_scale_embedding(masks)))
         for norm in [base.norm] + [n for layer in base.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]:
             norm.forward = _masked_rmsnorm(norm, masks)
-    out_gated = "hidden" in st or "layer" in st
+    out_key = "out" if ("hidden" in st or "layer" in st) else None
+    head_key = "head" if ("kv_group" in st or "q_head" in st) else None
+    inter_key = "intermediate" if "intermediate" in st else None
     for i, layer in enumerate(base.layers):
-        o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
-        if "kv_group" in st or "q_head" in st:
-            handles.append(o_proj.register_forward_pre_hook(_scale_input("head", i, masks)))
-        if "intermediate" in st:
-            handles.append(down_proj.register_forward_pre_hook(_scale_input("intermediate", i, masks)))
-        if out_gated:
-            handles.append(o_proj.register_forward_hook(_scale_output("out", i, masks)))
-            handles.append(down_proj.register_forward_hook(_scale_output("out", i, masks)))
+        if head_key or out_key:
+            o_proj = layer.self_attn.o_proj
+            o_proj.forward = _gated_linear(o_proj, masks, i, head_key, out_key, fold)
+        if inter_key or out_key:
+            down = layer.mlp.down_proj
+            down.forward = _gated_linear(down, masks, i, inter_key, out_key, fold)
     return handles
 
 
@@ -115,12 +147,14 @@ def apply_shearing(
     eval_shape: str = "target",
     temperature: float = TEMPERATURE,
     init_mean: float = 5.0,
+    fold_into_weights: bool | None = None,
 ) -> ShearingMasks:
     """Attach pruning masks for `target` to a HF Llama/Mistral/Qwen2 causal LM and return them.
 
     The masks become the child module ``model.shearing_masks``; if `optimizers` is given, a
     param group for the masks (lr `mask_lr`) and one for the Lagrange multipliers (`lambda_lr`)
     are added. Add ``masks.last_lagrangian`` to the LM loss after each training forward.
+    `fold_into_weights` picks how o_proj/down_proj are gated (None: by cost, from the shapes).
     """
     source = check_supported(model)
     if hasattr(model, MASKS_ATTR):
@@ -131,7 +165,7 @@ def apply_shearing(
     masks.to(device=param.device)
     masks.train(model.training)
     setattr(model, MASKS_ATTR, masks)
-    masks._handles = _register(model, masks)
+    masks._handles = _register(model, masks, fold_into_weights)
     if optimizers is not None:
         for opt in [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else optimizers:
             add_mask_param_groups(opt, masks, mask_lr, lambda_lr)
@@ -143,8 +177,7 @@ def remove_shearing(model: nn.Module) -> ShearingMasks:
     masks = get_masks(model)
     for h in masks._handles:
         h.remove()
-    base = model.model
-    for norm in [base.norm] + [n for layer in base.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]:
-        norm.__dict__.pop("forward", None)
+    for module in _patched_modules(model):
+        module.__dict__.pop("forward", None)
     delattr(model, MASKS_ATTR)
     return masks
