@@ -60,7 +60,12 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--compile", action="store_true", help="torch.compile both models (mask sampling included)")
+    p.add_argument("--fold", choices=["auto", "weights", "activations"], default="auto",
+                   help="how o_proj/down_proj are gated (auto: by cost)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if a.device.startswith("cuda") else torch.float32)
     shape = NAMED_SHAPES[a.shape]
     cuda = a.device.startswith("cuda")
@@ -69,7 +74,8 @@ def main(argv=None) -> None:
     def make(masked: bool):
         model = build(shape, a.device, dtype, a.attn)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
-        masks = apply_shearing(model, prune_target(shape), opt) if masked else None
+        fold = {"auto": None, "weights": True, "activations": False}[a.fold]
+        masks = apply_shearing(model, prune_target(shape), opt, fold_into_weights=fold) if masked else None
         if masks is not None:
             masks.warmup_progress.fill_(0.5)
         fwd = torch.compile(model) if a.compile else model
@@ -116,7 +122,7 @@ def main(argv=None) -> None:
     tokens = a.batch * a.seq
     results = {n: statistics.median(t) for n, t in times.items()}
     print(f"shape={a.shape} device={a.device} dtype={str(dtype).split('.')[-1]} attn={a.attn} "
-          f"compile={a.compile} batch={a.batch}x{a.seq} target={prune_target(shape)}")
+          f"compile={a.compile} fold={a.fold} threads={torch.get_num_threads()} batch={a.batch}x{a.seq} target={prune_target(shape)}")
     print(f"{'variant':<8} {'step s':>9} {'tokens/s':>10} {'peak GiB':>9}")
     for n in ("dense", "masked"):
         mem = f"{peak[n]:9.2f}" if n in peak else f"{'-':>9}"
