@@ -137,7 +137,8 @@ class TrainConfig:
     pruning: Optional[PruningConfig] = None
     dynamic_loading: Optional[DynamicLoadingConfig] = None
     fsdp: Optional[Dict[str, Any]] = None  # Composer FSDPConfig kwargs; GPU only
-    save_folder: Optional[str] = None
+    save_folder: Optional[str] = None  # checkpoints, metrics.jsonl and the final HF directory
+    checkpoint: bool = True  # false: no Composer checkpoints (save_folder still gets metrics + HF dir)
     save_interval: str = "500ba"
     save_num_checkpoints_to_keep: int = -1
     save_overwrite: bool = False
@@ -661,7 +662,7 @@ def build_trainer(cfg: TrainConfig, extra_loggers=(), extra_callbacks=()):
         device_train_microbatch_size=cfg.device_train_microbatch_size or device_batch,
         progress_bar=cfg.progress_bar,
         log_to_console=False,
-        save_folder=cfg.save_folder,
+        save_folder=cfg.save_folder if cfg.checkpoint else None,
         save_interval=cfg.save_interval,
         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
         save_overwrite=cfg.save_overwrite,

