@@ -238,7 +238,21 @@ def write_report(out, args, src_dir, pruned_dir, final_dir, prune_cfg, losses, g
     p = R.plot_domain_weights([("pruning", rec_p), ("continued pretraining", rec_c)], DOMAINS, out / "domain_weights.png")
     if p:
         plots["Domain weights over steps (dynamic batch loading)"] = p.name
-    p = R.plot_expected_params(rec_p, out / "expected_params.png", source_params=src_shape.num_params())
+    # the warmed-up target: every structure count moves linearly from the source's to the target's
+    from composer.core import Time
+
+    wu = Time.from_timestring(str(prune_cfg.pruning.lagrangian_warmup))
+    wu_batches = wu.value * args.prune_steps if wu.unit.value == "dur" else wu.value
+    steps = list(range(1, args.prune_steps + 1))
+    fields = ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+    def _at(step):
+        f = min(1.0, step / wu_batches) if wu_batches else 1.0
+        return src_shape.replace(**{k: getattr(src_shape, k) + f * (getattr(tgt_shape, k) - getattr(src_shape, k))
+                                    for k in fields}).num_params()
+
+    p = R.plot_expected_params(rec_p, out / "expected_params.png", source_params=src_shape.num_params(),
+                               schedule=(steps, [_at(s) for s in steps]))
     if p:
         plots["Expected parameters of the masked model vs target"] = p.name
     p = R.plot_domain_losses(losses, out / "domain_losses.png")

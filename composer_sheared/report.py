@@ -135,12 +135,13 @@ def plot_domain_weights(stages: Sequence[tuple[str, list[dict]]], domains: Seque
     return Path(out) if drawn else None
 
 
-def plot_expected_params(records: list[dict], out: str | os.PathLike, source_params: Optional[int] = None) -> Optional[Path]:
+def plot_expected_params(records: list[dict], out: str | os.PathLike, source_params: Optional[int] = None,
+                         schedule: Optional[tuple[list[int], list[float]]] = None) -> Optional[Path]:
     """Expected parameter count of the masked model vs the (warmed-up) target, over steps."""
     plt = _plt()
     s_exp, v_exp = series(records, "shearing/expected_params")
     s_tgt, v_tgt = series(records, "shearing/target_params")
-    s_cur, v_cur = series(records, "shearing/current_target_params")
+    s_cur, v_cur = schedule if schedule else series(records, "shearing/current_target_params")
     if not s_exp:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.8))
