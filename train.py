@@ -92,7 +92,8 @@ class PruningConfig:
     lagrangian_warmup: str = "0.2dur"
     mask_lr: float = 1.0
     lambda_lr: float = 1.0
-    eval_shape: str = "target"
+    eval_shape: str = "target"  # "expected": what the reference code evaluated (and fed to dynamic loading)
+    mask_betas: Optional[List[float]] = None  # Adam betas of the mask/multiplier groups; None: the optimizer's
 
 
 @dataclass
@@ -601,7 +602,8 @@ def build_trainer(cfg: TrainConfig, extra_loggers=(), extra_callbacks=()):
 
         p = cfg.pruning
         algorithms.append(ShearingPruning(_plain(p.target), lagrangian_warmup=p.lagrangian_warmup,
-                                          mask_lr=p.mask_lr, lambda_lr=p.lambda_lr, eval_shape=p.eval_shape))
+                                          mask_lr=p.mask_lr, lambda_lr=p.lambda_lr, eval_shape=p.eval_shape,
+                                          mask_betas=None if p.mask_betas is None else tuple(p.mask_betas)))
     if cfg.dynamic_loading is not None:
         from composer_sheared.callbacks import DynamicBatchLoading
 

@@ -23,7 +23,8 @@ class TokenDataset(Dataset):
         return {"input_ids": ids, "labels": ids.clone()}
 
 
-def make_trainer(max_duration="40ba", warmup="20ba", seed=7, batch_size=4, tokenizer=None, dist_sampler=False, **trainer_kw):
+def make_trainer(max_duration="40ba", warmup="20ba", seed=7, batch_size=4, tokenizer=None, dist_sampler=False,
+                 mask_betas=None, **trainer_kw):
     from composer import Trainer
     from composer.models import HuggingFaceModel
     from composer.optim import DecoupledAdamW
@@ -37,7 +38,7 @@ def make_trainer(max_duration="40ba", warmup="20ba", seed=7, batch_size=4, token
     opt = DecoupledAdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     ds = TokenDataset()
     sampler = dist.get_sampler(ds, shuffle=False) if dist_sampler else None
-    algo = ShearingPruning(TARGET, lagrangian_warmup=warmup)
+    algo = ShearingPruning(TARGET, lagrangian_warmup=warmup, mask_betas=mask_betas)
     trainer = Trainer(
         model=model,
         train_dataloader=DataLoader(ds, batch_size=batch_size, sampler=sampler),

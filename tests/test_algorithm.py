@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_trainer_drives_expected_params_to_target():
     logger = InMemoryLogger()
-    trainer, algo = make_trainer(max_duration="120ba", warmup="20ba", loggers=[logger])
+    trainer, algo = make_trainer(max_duration="60ba", warmup="20ba", loggers=[logger], mask_betas=(0.7, 0.999))
     trainer.fit()
     masks = algo.masks
     target = masks.target.num_params()
@@ -32,9 +32,13 @@ def test_trainer_drives_expected_params_to_target():
     losses = [v for _, v in logger.data["loss/train/total"]]
     assert all(math.isfinite(float(v)) for v in losses)
     logged = logger.data["shearing/expected_params"]
-    assert len(logged) == 120 and abs(float(logged[-1][1]) - target) / target < 0.06
+    assert len(logged) == 60 and abs(float(logged[-1][1]) - target) / target < 0.06
     for key in ("shearing/lambda1/hidden", "shearing/expected/kv_group", "shearing/lagrangian"):
         assert key in logger.data
+    # The warmed-up target: the source's size at step 0, the final target from step 20 on.
+    warm = [float(v) for _, v in logger.data["shearing/warmup_target_params"]]
+    assert warm[0] == pytest.approx(masks.source.num_params(), rel=1e-6)
+    assert warm[-1] == pytest.approx(target, rel=1e-6)
     sliced = prune_to_target(find_hf_model(trainer.state.model).eval())
     assert ModelShape.from_hf_config(sliced.config) == masks.target
     assert sliced.config.num_hidden_layers == TARGET["num_layers"]
@@ -59,6 +63,31 @@ def _final_state(trainer, algo):
         "w": find_hf_model(trainer.state.model).model.layers[0].mlp.up_proj.weight.detach().clone(),
         "loss": trainer.state.loss.detach().clone(),
     }
+
+
+def test_default_hyperparameters_converge_in_a_plain_loop():
+    """The reference defaults (Adam's own betas, lr 1.0) settle too, only more slowly."""
+    from composer.optim import DecoupledAdamW
+
+    from composer_sheared import apply_shearing
+    from tests.composer_helpers import GQA, TokenDataset
+    from tests.tiny import tiny_model
+
+    torch.manual_seed(0)
+    hf = tiny_model(seed=3, **GQA)
+    opt = DecoupledAdamW(hf.parameters(), lr=1e-3, weight_decay=0.0)
+    masks = apply_shearing(hf, TARGET, opt)
+    data = TokenDataset()
+    for step in range(150):
+        masks.constrain_()
+        masks.warmup_progress.fill_(min(1.0, step / 20))
+        batch = torch.stack([data[step * 4 + i]["input_ids"] for i in range(4)])
+        loss = hf(batch, labels=batch).loss + masks.last_lagrangian
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    target = masks.target.num_params()
+    assert abs(masks.expected_num_params().item() - target) / target < 0.05
 
 
 def test_resume_matches_uninterrupted(tmp_path):
@@ -149,3 +178,21 @@ def test_two_ranks_keep_identical_masks(tmp_path):
     assert (r0["log_alpha.hidden"] - 5.0).abs().max() > 0.5
     # Each rank drew its own gates (different random streams), yet the parameters agree.
     assert not torch.equal(r0["_last_gates"], r1["_last_gates"])
+
+
+def test_find_hf_model_unwraps_wrappers():
+    from composer.models import HuggingFaceModel
+
+    from tests.tiny import tiny_model
+
+    hf = tiny_model()
+
+    class Wrapper(torch.nn.Module):  # the shape of DDP / FSDP: the wrapped model in .module
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+    assert find_hf_model(Wrapper(HuggingFaceModel(hf))) is hf
+    assert find_hf_model(hf) is hf
+    with pytest.raises(ValueError, match="got Linear"):
+        find_hf_model(torch.nn.Linear(2, 2))

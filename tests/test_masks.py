@@ -188,3 +188,14 @@ def test_double_apply_and_remove():
     ref = tiny_model().eval()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_mask_betas_only_for_mask_groups():
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    apply_shearing(model, TARGET, opt, mask_lr=0.5, lambda_lr=0.25, mask_betas=(0.7, 0.999))
+    assert [g["betas"] for g in opt.param_groups] == [(0.9, 0.95), (0.7, 0.999), (0.7, 0.999)]
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 0.5, 0.25]
+    assert [g["weight_decay"] for g in opt.param_groups][1:] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="SGD has no betas"):
+        apply_shearing(tiny_model(), TARGET, torch.optim.SGD(model.parameters(), lr=0.1), mask_betas=(0.7, 0.999))

@@ -26,11 +26,19 @@ __all__ = ["ShearingPruning", "find_hf_model"]
 
 def find_hf_model(model: torch.nn.Module) -> PreTrainedModel:
     """The HF causal LM inside a Composer model (HuggingFaceModel.model) or the model itself."""
-    for candidate in (model, getattr(model, "model", None), getattr(getattr(model, "_orig_mod", None), "model", None)):
-        if isinstance(candidate, PreTrainedModel):
-            return candidate
+    given, seen = type(model).__name__, set()
+    while model is not None and id(model) not in seen:
+        seen.add(id(model))
+        if isinstance(model, PreTrainedModel):
+            return model
+        inner = getattr(model, "model", None)
+        if isinstance(inner, PreTrainedModel):
+            return inner
+        # DDP / FSDP keep the wrapped module in .module, torch.compile in ._orig_mod
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
     raise ValueError(
-        f"ShearingPruning needs a HF PreTrainedModel or a Composer HuggingFaceModel wrapping one, got {type(model).__name__}"
+        "ShearingPruning needs a HF PreTrainedModel or a Composer HuggingFaceModel wrapping one "
+        f"(possibly inside DDP/FSDP/torch.compile), got {given}"
     )
 
 
@@ -44,7 +52,11 @@ class ShearingPruning(Algorithm):
             `target`, e.g. ``"640ba"`` or ``"0.2dur"``.
         mask_lr, lambda_lr: learning rates of the mask logits and the Lagrange multipliers.
         eval_shape: ``"target"`` (eval-mode masks keep exactly the target counts, so evaluation
-            shows what the sliced model will do) or ``"expected"`` (the rounded expected counts).
+            shows what the sliced model will do) or ``"expected"`` (the rounded expected counts,
+            what the reference code evaluated during pruning and fed to dynamic batch loading).
+        mask_betas: Adam betas for the mask and multiplier param groups (default: the
+            optimizer's). The mask and multiplier lrs follow the trainer's LR schedule, as in the
+            reference code.
     """
 
     def __init__(
@@ -56,6 +68,7 @@ class ShearingPruning(Algorithm):
         eval_shape: str = "target",
         temperature: float = TEMPERATURE,
         init_mean: float = 5.0,
+        mask_betas: Optional[tuple[float, float]] = None,
     ):
         self.target = dict(target) if isinstance(target, Mapping) else target
         self.lagrangian_warmup = Time.from_input(lagrangian_warmup, TimeUnit.BATCH)
@@ -63,6 +76,7 @@ class ShearingPruning(Algorithm):
             raise ValueError(f"lagrangian_warmup={lagrangian_warmup!r}: use batches ('640ba') or a fraction ('0.2dur')")
         self.mask_lr, self.lambda_lr = float(mask_lr), float(lambda_lr)
         self.eval_shape, self.temperature, self.init_mean = eval_shape, float(temperature), float(init_mean)
+        self.mask_betas = None if mask_betas is None else tuple(float(b) for b in mask_betas)
         self._masks: Optional[ShearingMasks] = None
         self._warmup_batches: Optional[int] = None
 
@@ -81,6 +95,7 @@ class ShearingPruning(Algorithm):
             self._masks = apply_shearing(
                 hf_model, self.target, state.optimizers or None, mask_lr=self.mask_lr, lambda_lr=self.lambda_lr,
                 eval_shape=self.eval_shape, temperature=self.temperature, init_mean=self.init_mean,
+                mask_betas=self.mask_betas,
             )
             logger.log_hyperparameters({
                 "shearing/source_params": self._masks.source.num_params(),

@@ -129,12 +129,19 @@ def _register(model: nn.Module, masks: ShearingMasks, fold: bool | None) -> list
     return handles
 
 
-def add_mask_param_groups(optimizer: torch.optim.Optimizer, masks: ShearingMasks, mask_lr: float, lambda_lr: float) -> None:
+def add_mask_param_groups(optimizer: torch.optim.Optimizer, masks: ShearingMasks, mask_lr: float, lambda_lr: float,
+                          betas: tuple[float, float] | None = None) -> None:
     """Masks and multipliers get their own groups, own lr and no weight decay. The multipliers'
-    gradient is negated inside the Lagrangian, so a positive lr performs the ascent."""
+    gradient is negated inside the Lagrangian, so a positive lr performs the ascent. `betas`
+    overrides an Adam-type optimizer's betas for these two groups only."""
     for params, lr in ((masks.mask_parameters(), mask_lr), (masks.lambda_parameters(), lambda_lr)):
         if params:
-            optimizer.add_param_group({"params": params, "lr": lr, "initial_lr": lr, "weight_decay": 0.0})
+            group = {"params": params, "lr": lr, "initial_lr": lr, "weight_decay": 0.0}
+            if betas is not None:
+                if "betas" not in optimizer.defaults:
+                    raise ValueError(f"mask_betas given but {type(optimizer).__name__} has no betas")
+                group["betas"] = tuple(float(b) for b in betas)
+            optimizer.add_param_group(group)
 
 
 def apply_shearing(
@@ -148,6 +155,7 @@ def apply_shearing(
     temperature: float = TEMPERATURE,
     init_mean: float = 5.0,
     fold_into_weights: bool | None = None,
+    mask_betas: tuple[float, float] | None = None,
 ) -> ShearingMasks:
     """Attach pruning masks for `target` to a HF Llama/Mistral/Qwen2 causal LM and return them.
 
@@ -155,6 +163,9 @@ def apply_shearing(
     param group for the masks (lr `mask_lr`) and one for the Lagrange multipliers (`lambda_lr`)
     are added. Add ``masks.last_lagrangian`` to the LM loss after each training forward.
     `fold_into_weights` picks how o_proj/down_proj are gated (None: by cost, from the shapes).
+    `mask_betas` sets Adam betas for the mask and multiplier groups (None: the optimizer's own, as
+    the reference code); a smaller beta1 such as (0.7, 0.999) settles the Lagrangian game in far
+    fewer steps (tests/test_algorithm.py).
     """
     source = check_supported(model)
     if hasattr(model, MASKS_ATTR):
@@ -168,7 +179,7 @@ def apply_shearing(
     masks._handles = _register(model, masks, fold_into_weights)
     if optimizers is not None:
         for opt in [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else optimizers:
-            add_mask_param_groups(opt, masks, mask_lr, lambda_lr)
+            add_mask_param_groups(opt, masks, mask_lr, lambda_lr, mask_betas)
     return masks
 
 

@@ -210,6 +210,9 @@ class ShearingMasks(nn.Module):
             stats[f"lambda1/{n}"] = l1.detach()
             stats[f"lambda2/{n}"] = l2.detach()
         stats["expected_params"] = self.expected_num_params(probs).detach()
+        # The parameter count of the shape the Lagrangian aims at now (source -> target over the warm-up).
+        uniform = {n: probs[n].new_full(st.shape, 1.0) * targets[n] for n, st in self.structures.items()}
+        stats["warmup_target_params"] = self.expected_num_params(uniform).detach()
         stats["lagrangian"] = total.detach()
         return total, stats
 
