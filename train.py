@@ -16,10 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,6 +25,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from composer_sheared.atomic import atomic_directory
 
 REPO = Path(__file__).resolve().parent
 if str(REPO) not in sys.path:
@@ -525,21 +524,12 @@ def save_hf_result(trainer, cfg: TrainConfig, tokenizer, out_dir: Path) -> Optio
                 out_model = hf
             out_model = out_model.to(dtype=getattr(torch, cfg.model.hf_save_dtype))
             hf.train(was_training)
-            out_dir.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-            os.chmod(tmp, 0o755)
-            try:
+            with atomic_directory(out_dir) as tmp:
                 # drop training-only attributes before saving
                 sd = {k: v for k, v in out_model.state_dict().items() if "shearing_masks" not in k}
                 out_model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp)
-                if out_dir.exists():
-                    shutil.rmtree(out_dir)
-                os.replace(tmp, out_dir)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
             result = out_dir
     dist.barrier()
     return result

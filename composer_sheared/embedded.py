@@ -21,11 +21,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from composer_sheared.atomic import atomic_directory
 
 __all__ = [
     "ensure_smollm2",
@@ -162,10 +162,7 @@ def convert_gguf_to_hf(gguf_file: str | Path, out_dir: str | Path, dtype: str = 
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     gguf_file, out_dir = Path(gguf_file), Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    with atomic_directory(out_dir) as tmp:
         gguf_tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
         tok = byte_level_tokenizer_from_gguf(gguf_file, gguf_tok)
         model = AutoModelForCausalLM.from_pretrained(
@@ -188,12 +185,6 @@ def convert_gguf_to_hf(gguf_file: str | Path, out_dir: str | Path, dtype: str = 
         (tmp / _DONE).write_text(
             json.dumps({"source": str(gguf_file), "package": PACKAGE, "dtype": dtype}, indent=2)
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -10,8 +10,6 @@ own state. The output is written to a temporary directory and renamed when compl
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -20,6 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_utils import no_init_weights
 
+from composer_sheared.atomic import atomic_directory
 from composer_sheared.pruning import apply_shearing, prune_to_target
 from composer_sheared.shapes import ModelShape
 
@@ -83,16 +82,10 @@ def finalize(checkpoint: str | Path, out_dir: str | Path, source: str | None = N
         _fail(f"checkpoint does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     pruned = prune_to_target(model.eval())
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, overwrite=False) as tmp:
         pruned.save_pretrained(tmp, safe_serialization=True)
         if tok is not None:
             tok.save_pretrained(tmp)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

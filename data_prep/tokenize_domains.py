@@ -23,12 +23,13 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
+
+from composer_sheared.atomic import atomic_directory
 
 __all__ = ["tokenize_domains", "write_mds_sequences", "token_dtype", "REDPAJAMA_SHORT_NAMES",
            "BadLineError", "main"]
@@ -339,11 +340,9 @@ def tokenize_domains(inputs: Union[str, Sequence[str]], out: str, tokenizer, seq
     vocab_size = len(tok)
     workers = max(1, min(workers or (os.cpu_count() or 1), len(files)))
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    # Same filesystem as OUT so the final rename is atomic.
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
-    try:
+    # Checked above; an existing OUT is replaced only once the new one is complete.
+    with atomic_directory(out, overwrite=True) as tmp_path:
+        tmp = str(tmp_path)
         work = os.path.join(tmp, "_work")
         os.makedirs(work)
         jobs = [_Job(f, d, work, i, text_key, domain_key, dict(domain_map), skip_bad_lines, batch_docs)
@@ -393,17 +392,7 @@ def tokenize_domains(inputs: Union[str, Sequence[str]], out: str, tokenizer, seq
         with open(os.path.join(tmp, "stats.json"), "w") as f:
             json.dump(stats, f, indent=2, sort_keys=True)
 
-        if os.path.exists(out):
-            trash = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-            os.rename(out, os.path.join(trash, "old"))
-            os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-        return stats
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+    return stats
 
 
 def _parse_map(text: Optional[str]) -> Optional[dict]:

@@ -3,7 +3,6 @@ wrong YAML fails fast naming the key or path."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
