@@ -135,7 +135,9 @@ def _count_params(hf_dir: Path) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "runs" / "demo"))
-    ap.add_argument("--prune-steps", type=int, default=30)
+    # The Lagrangian needs steps more than tokens: pruning takes more, smaller batches.
+    ap.add_argument("--prune-steps", type=int, default=60)
+    ap.add_argument("--prune-batch-size", type=int, default=4)
     ap.add_argument("--continue-steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
@@ -175,7 +177,7 @@ def main(argv=None) -> int:
     timings["source eval"] = time.time() - t
 
     train = _train_module()
-    common = [f"data.local={mds}", f"max_seq_len={args.seq_len}", f"global_train_batch_size={args.batch_size}",
+    common = [f"data.local={mds}", f"max_seq_len={args.seq_len}",
               f"device_eval_batch_size={args.batch_size}", f"eval_interval={args.eval_interval}ba",
               f"data.eval_subset_num_batches={args.eval_batches}",
               f"dynamic_loading.reference_losses=[{','.join(f'{r:.6f}' for r in refs)}]"]
@@ -186,7 +188,8 @@ def main(argv=None) -> int:
     if prune_dir.exists():
         shutil.rmtree(prune_dir)
     cfg = train.load_config(str(REPO / "yamls/demo/prune_smollm2.yaml"), common + [
-        f"model.source={src_dir}", f"max_duration={args.prune_steps}ba", f"save_folder={prune_dir}"])
+        f"model.source={src_dir}", f"max_duration={args.prune_steps}ba", f"save_folder={prune_dir}",
+        f"global_train_batch_size={args.prune_batch_size}"])
     res = train.main(cfg)
     pruned_dir = Path(res["hf_dir"])
     timings["pruning"] = time.time() - t
@@ -197,7 +200,8 @@ def main(argv=None) -> int:
     if cont_dir.exists():
         shutil.rmtree(cont_dir)
     cfg2 = train.load_config(str(REPO / "yamls/demo/continue_smollm2.yaml"), common + [
-        f"model.source={pruned_dir}", f"max_duration={args.continue_steps}ba", f"save_folder={cont_dir}"])
+        f"model.source={pruned_dir}", f"max_duration={args.continue_steps}ba", f"save_folder={cont_dir}",
+        f"global_train_batch_size={args.batch_size}"])
     res2 = train.main(cfg2)
     final_dir = Path(res2["hf_dir"])
     timings["continued pretraining"] = time.time() - t
@@ -262,7 +266,7 @@ def write_report(out, args, src_dir, pruned_dir, final_dir, prune_cfg, losses, g
         plots["Training loss"] = p.name
 
     tps_p, tps_c = _throughput(rec_p), _throughput(rec_c)
-    tok_p = args.prune_steps * args.batch_size * args.seq_len
+    tok_p = args.prune_steps * args.prune_batch_size * args.seq_len
     tok_c = args.continue_steps * args.batch_size * args.seq_len
     _, exp = R.series(rec_p, "shearing/expected_params")
     L = []
@@ -290,9 +294,9 @@ def write_report(out, args, src_dir, pruned_dir, final_dir, prune_cfg, losses, g
     L.append("## Runs\n")
     L.append("| stage | steps | batch | tokens | wall s | tokens/s (SpeedMonitor) |")
     L.append("| --- | --- | --- | --- | --- | --- |")
-    L.append(f"| pruning (masked source) | {args.prune_steps} | {args.batch_size} x {args.seq_len} | {tok_p:,} | "
+    L.append(f"| pruning (masked source) | {args.prune_steps} | {args.prune_batch_size} x {args.seq_len} | {tok_p:,} | "
              f"{timings['pruning']:.0f} | {tps_p:,.0f} |" if tps_p else
-             f"| pruning | {args.prune_steps} | {args.batch_size} x {args.seq_len} | {tok_p:,} | {timings['pruning']:.0f} | - |")
+             f"| pruning | {args.prune_steps} | {args.prune_batch_size} x {args.seq_len} | {tok_p:,} | {timings['pruning']:.0f} | - |")
     L.append(f"| continued pretraining | {args.continue_steps} | {args.batch_size} x {args.seq_len} | {tok_c:,} | "
              f"{timings['continued pretraining']:.0f} | {tps_c:,.0f} |" if tps_c else
              f"| continued | {args.continue_steps} | {args.batch_size} x {args.seq_len} | {tok_c:,} | "
