@@ -9,7 +9,7 @@
 6. per-domain eval of source / pruned / continued, greedy generations, tokenizer check,
    runs/demo/report.md + PNG plots (read from the JSONL metrics the runs logged)
 
-    python -m composer_sheared.demo [--prune-steps 30] [--continue-steps 30] [--out runs/demo]
+    python -m composer_sheared.demo [--prune-steps 60] [--continue-steps 20] [--out runs/demo]
 """
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     # The Lagrangian needs steps more than tokens: pruning takes more, smaller batches.
     ap.add_argument("--prune-steps", type=int, default=60)
     ap.add_argument("--prune-batch-size", type=int, default=4)
-    ap.add_argument("--continue-steps", type=int, default=30)
+    ap.add_argument("--continue-steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--eval-interval", type=int, default=10, help="steps between evals = weight updates")
