@@ -119,7 +119,8 @@ class ShearingPruning(Algorithm):
         elif event == Event.BATCH_END:
             stats = self.masks.last_stats
             if stats:
-                logger.log_metrics({f"shearing/{k}": float(v) for k, v in stats.items()})
+                values = torch.stack([v.float() for v in stats.values()]).tolist()  # one device sync
+                logger.log_metrics({f"shearing/{k}": v for k, v in zip(stats, values)})
                 logger.log_metrics({"shearing/target_params": self.masks.target.num_params()})
 
     def _progress(self, state: State) -> float:
