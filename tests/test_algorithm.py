@@ -140,7 +140,19 @@ def test_finalize_cli_from_composer_checkpoint(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "composer_sheared.prune", str(tmp_path / "nope.pt"), str(tmp_path / "o2")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode != 0 and "nope.pt does not exist" in bad.stderr
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    bad = subprocess.run([sys.executable, "-m", "composer_sheared.prune", str(tmp_path / "garbage.pt"), str(tmp_path / "o2")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode != 0 and "garbage.pt is not a Composer checkpoint" in bad.stderr
+    # A Composer checkpoint of a run without ShearingPruning is refused by name.
+    state = torch.load(ckpt, weights_only=False)
+    state["state"]["model"] = {k: v for k, v in state["state"]["model"].items() if "shearing_masks" not in k}
+    torch.save(state, tmp_path / "dense.pt")
+    bad = subprocess.run([sys.executable, "-m", "composer_sheared.prune", str(tmp_path / "dense.pt"), str(tmp_path / "o2")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode != 0 and "holds no pruning masks" in bad.stderr
     assert not (tmp_path / "o2").exists()
+    assert not list(tmp_path.glob(".o2*"))  # nothing half-written beside it either
 
 
 def test_composer_compile_config_compiles_once():
