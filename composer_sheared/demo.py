@@ -182,28 +182,27 @@ def main(argv=None) -> int:
               f"data.eval_subset_num_batches={args.eval_batches}",
               f"dynamic_loading.reference_losses=[{','.join(f'{r:.6f}' for r in refs)}]"]
 
+    def train_stage(yaml: str, source: Path, out_dir: Path, steps: int, batch: int):
+        """Run one train.py stage; returns (its HF output dir, its config)."""
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        cfg = train.load_config(str(REPO / yaml), common + [
+            f"model.source={source}", f"max_duration={steps}ba", f"save_folder={out_dir}",
+            f"global_train_batch_size={batch}"])
+        return Path(train.main(cfg)["hf_dir"]), cfg
+
     _step(f"4/6 pruning {args.prune_steps} steps with dynamic batch loading, then slicing")
     t = time.time()
     prune_dir = out / "prune"
-    if prune_dir.exists():
-        shutil.rmtree(prune_dir)
-    cfg = train.load_config(str(REPO / "yamls/demo/prune_smollm2.yaml"), common + [
-        f"model.source={src_dir}", f"max_duration={args.prune_steps}ba", f"save_folder={prune_dir}",
-        f"global_train_batch_size={args.prune_batch_size}"])
-    res = train.main(cfg)
-    pruned_dir = Path(res["hf_dir"])
+    pruned_dir, prune_cfg = train_stage("yamls/demo/prune_smollm2.yaml", src_dir, prune_dir, args.prune_steps,
+                             args.prune_batch_size)
     timings["pruning"] = time.time() - t
 
     _step(f"5/6 continued pretraining {args.continue_steps} steps with dynamic batch loading")
     t = time.time()
     cont_dir = out / "continue"
-    if cont_dir.exists():
-        shutil.rmtree(cont_dir)
-    cfg2 = train.load_config(str(REPO / "yamls/demo/continue_smollm2.yaml"), common + [
-        f"model.source={pruned_dir}", f"max_duration={args.continue_steps}ba", f"save_folder={cont_dir}",
-        f"global_train_batch_size={args.batch_size}"])
-    res2 = train.main(cfg2)
-    final_dir = Path(res2["hf_dir"])
+    final_dir, _ = train_stage("yamls/demo/continue_smollm2.yaml", pruned_dir, cont_dir, args.continue_steps,
+                            args.batch_size)
     timings["continued pretraining"] = time.time() - t
 
     _step("6/6 evaluation, generations, report")
@@ -218,7 +217,7 @@ def main(argv=None) -> int:
     tok_same = all(tok_src(p)["input_ids"] == tok_final(p)["input_ids"] for p in PROMPTS)
     timings["eval + generations"] = time.time() - t
 
-    write_report(out, args, src_dir, pruned_dir, final_dir, cfg, losses, gens, tok_same, data_stats, timings,
+    write_report(out, args, src_dir, pruned_dir, final_dir, prune_cfg, losses, gens, tok_same, data_stats, timings,
                  time.time() - t_start)
     print(f"\n[demo] done in {time.time() - t_start:.0f}s: {out / 'report.md'}", flush=True)
     return 0

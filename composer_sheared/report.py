@@ -18,6 +18,14 @@ __all__ = ["JSONLLogger", "read_jsonl", "series", "plot_domain_weights", "plot_e
            "plot_domain_losses", "plot_train_loss"]
 
 
+
+def _save(fig, out) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
 def _plain(v: Any) -> Any:
     try:
         import torch
@@ -129,9 +137,7 @@ def plot_domain_weights(stages: Sequence[tuple[str, list[dict]]], domains: Seque
         ax.set_ylabel("weight")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, out)
     return Path(out) if drawn else None
 
 
@@ -157,9 +163,7 @@ def plot_expected_params(records: list[dict], out: str | os.PathLike, source_par
     ax.set_title("pruning: expected vs target parameters")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, out)
     return Path(out)
 
 
@@ -185,9 +189,7 @@ def plot_domain_losses(losses: dict[str, dict[str, float]], out: str | os.PathLi
     ax.set_title("per-domain eval loss")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, out)
     return Path(out)
 
 
@@ -206,7 +208,5 @@ def plot_train_loss(stages: Sequence[tuple[str, list[dict]]], out: str | os.Path
     ax.set_ylabel("train loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, out)
     return Path(out) if drawn else None
