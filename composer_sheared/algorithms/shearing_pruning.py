@@ -10,7 +10,7 @@ moments) and the timestamp (warm-up progress), all of which Composer checkpoints
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from composer.core import Algorithm, Event, State, Time, TimeUnit
@@ -57,6 +57,16 @@ class ShearingPruning(Algorithm):
         mask_betas: Adam betas for the mask and multiplier param groups (default: the
             optimizer's). The mask and multiplier lrs follow the trainer's LR schedule, as in the
             reference code.
+        schedule: ``"projection"`` (default: every forward shifts each row's mask logits so the
+            expected size equals the warm-up target exactly; the LM gradient only orders units) or
+            ``"lagrangian"`` (the paper's multipliers).
+        mask_init: ``"importance"`` (default: logits from one calibration pass over
+            `calibration`, spread linearly by rank over +-`init_spread` within each row) or
+            ``"uniform"`` (the paper: N(init_mean, 0.01) for every unit).
+        calibration: batches (dicts with ``input_ids``) for the importance pass; the same on
+            every rank. Required for ``mask_init="importance"``.
+        paper: shorthand for the paper's method: Lagrangian schedule, uniform init, clamped
+            logits, soft gate values folded at slicing.
     """
 
     def __init__(
@@ -69,7 +79,21 @@ class ShearingPruning(Algorithm):
         temperature: float = TEMPERATURE,
         init_mean: float = 5.0,
         mask_betas: Optional[tuple[float, float]] = None,
+        schedule: str = "lagrangian",
+        mask_init: str = "uniform",
+        calibration: Optional[Iterable[Any]] = None,
+        init_spread: float = 10.0,
+        paper: bool = False,
     ):
+        if paper:
+            schedule, mask_init = "lagrangian", "uniform"
+        if mask_init not in ("importance", "uniform"):
+            raise ValueError(f"mask_init={mask_init!r}: expected 'importance' or 'uniform'")
+        if mask_init == "importance" and calibration is None:
+            raise ValueError("mask_init='importance' needs calibration batches (calibration=...), "
+                             "or use mask_init='uniform'")
+        self.schedule, self.mask_init, self.calibration = schedule, mask_init, calibration
+        self.init_spread = float(init_spread)
         self.target = dict(target) if isinstance(target, Mapping) else target
         self.lagrangian_warmup = Time.from_input(lagrangian_warmup, TimeUnit.BATCH)
         if self.lagrangian_warmup.unit not in (TimeUnit.BATCH, TimeUnit.DURATION):
@@ -95,7 +119,7 @@ class ShearingPruning(Algorithm):
             self._masks = apply_shearing(
                 hf_model, self.target, state.optimizers or None, mask_lr=self.mask_lr, lambda_lr=self.lambda_lr,
                 eval_shape=self.eval_shape, temperature=self.temperature, init_mean=self.init_mean,
-                mask_betas=self.mask_betas,
+                mask_betas=self.mask_betas, schedule=self.schedule, init_log_alpha=self._init_logits(hf_model),
             )
             logger.log_hyperparameters({
                 "shearing/source_params": self._masks.source.num_params(),
@@ -122,6 +146,23 @@ class ShearingPruning(Algorithm):
                 values = torch.stack([v.float() for v in stats.values()]).tolist()  # one device sync
                 logger.log_metrics({f"shearing/{k}": v for k, v in zip(stats, values)})
                 logger.log_metrics({"shearing/target_params": self.masks.target.num_params()})
+
+    def _init_logits(self, hf_model: PreTrainedModel) -> Optional[dict]:
+        if self.mask_init != "importance":
+            return None
+        if any(p.is_meta for p in hf_model.parameters()):
+            # init_device=mixed: only rank 0 holds weights; FSDP's sync_module_states copies its
+            # mask logits (a submodule of the model) to the other ranks.
+            return None
+        from composer_sheared.pruning.importance import compute_importance
+        from composer_sheared.pruning.oneshot import scores_to_log_alpha
+        from composer_sheared.pruning.apply import check_supported
+        from composer_sheared.shapes import resolve_target
+
+        source = check_supported(hf_model)
+        target = resolve_target(source, self.target)
+        scores = compute_importance(hf_model, self.calibration)
+        return scores_to_log_alpha(scores, source, target, spread=self.init_spread)
 
     def _progress(self, state: State) -> float:
         if self._warmup_batches is None:

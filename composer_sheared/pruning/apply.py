@@ -156,6 +156,10 @@ def apply_shearing(
     init_mean: float = 5.0,
     fold_into_weights: bool | None = None,
     mask_betas: tuple[float, float] | None = None,
+    schedule: str = "lagrangian",
+    init_log_alpha: Mapping[str, torch.Tensor] | None = None,
+    clamp: bool | None = None,
+    gate_values: str | None = None,
 ) -> ShearingMasks:
     """Attach pruning masks for `target` to a HF Llama/Mistral/Qwen2 causal LM and return them.
 
@@ -167,12 +171,20 @@ def apply_shearing(
     the reference code). A small beta1 settles the Lagrangian game in far fewer steps: on tiny
     models, (0.7, 0.999) within ~20 steps at constant lr (tests/test_algorithm.py), (0.0, 0.999)
     tracks the warming-up target throughout under a cosine schedule (the demo uses it).
+
+    `schedule`: "lagrangian" (the paper: multipliers push the expected size to the warm-up target)
+    or "projection" (each forward shifts every row's logits so its expected kept fraction equals
+    the warm-up target exactly; the multipliers stay unused). `init_log_alpha` gives starting logits
+    per structure (e.g. from importance scores); `clamp` and `gate_values` default per schedule
+    (see ShearingMasks).
     """
     source = check_supported(model)
     if hasattr(model, MASKS_ATTR):
         raise ValueError(f"{type(model).__name__} already has pruning masks")
     target = resolve_target(source, target)
-    masks = ShearingMasks(source, target, temperature=temperature, init_mean=init_mean, eval_shape=eval_shape)
+    masks = ShearingMasks(source, target, temperature=temperature, init_mean=init_mean, eval_shape=eval_shape,
+                          schedule=schedule, init_log_alpha=dict(init_log_alpha or {}), clamp=clamp,
+                          gate_values=gate_values)
     param = next(model.parameters())
     masks.to(device=param.device)
     masks.train(model.training)

@@ -29,6 +29,8 @@ from composer_sheared.pruning.hard_concrete import (
 from composer_sheared.shapes import ModelShape, validate_target
 
 EVAL_SHAPES = ("target", "expected")
+SCHEDULES = ("projection", "lagrangian")
+GATE_VALUES = ("soft", "binary")
 
 
 @dataclass(frozen=True)
@@ -70,17 +72,43 @@ class ShearingMasks(nn.Module):
         init_mean: float = 5.0,
         init_std: float = 1e-2,
         eval_shape: str = "target",
+        schedule: str = "lagrangian",
+        init_log_alpha: dict[str, torch.Tensor] | None = None,
+        clamp: bool | None = None,
+        gate_values: str | None = None,
     ):
         super().__init__()
         validate_target(source, target)
         if eval_shape not in EVAL_SHAPES:
             raise ValueError(f"eval_shape={eval_shape!r}; expected one of {EVAL_SHAPES}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule={schedule!r}; expected one of {SCHEDULES}")
+        projected = schedule == "projection"
+        gate_values = gate_values or ("binary" if projected else "soft")
+        if gate_values not in GATE_VALUES:
+            raise ValueError(f"gate_values={gate_values!r}; expected one of {GATE_VALUES}")
         self.source, self.target = source, target
         self.temperature, self.eval_shape = float(temperature), eval_shape
+        self.schedule, self.gate_values = schedule, gate_values
+        # The reference clamp keeps log_alpha in [ln 1e-2, ln 1e2]; a projected schedule needs the
+        # wide spread of an importance init, so it does not clamp by default.
+        self.clamp = (not projected) if clamp is None else bool(clamp)
         self.structures = structures_for(source, target)
-        self.log_alpha = nn.ParameterDict(
-            {n: nn.Parameter(torch.empty(s.shape).normal_(init_mean, init_std)) for n, s in self.structures.items()}
-        )
+        init_log_alpha = init_log_alpha or {}
+        unknown = sorted(set(init_log_alpha) - set(self.structures))
+        if unknown:
+            raise ValueError(f"init_log_alpha has structures {unknown} that this target does not prune "
+                             f"(pruned: {sorted(self.structures)})")
+        params = {}
+        for n, st in self.structures.items():
+            if n in init_log_alpha:
+                init = torch.as_tensor(init_log_alpha[n], dtype=torch.float32).detach().clone()
+                if tuple(init.shape) != st.shape:
+                    raise ValueError(f"init_log_alpha[{n!r}] has shape {tuple(init.shape)}, expected {st.shape}")
+            else:
+                init = torch.empty(st.shape).normal_(init_mean, init_std)
+            params[n] = nn.Parameter(init)
+        self.log_alpha = nn.ParameterDict(params)
         self.lambda_1 = nn.ParameterDict({n: nn.Parameter(torch.zeros(())) for n in self.structures})
         self.lambda_2 = nn.ParameterDict({n: nn.Parameter(torch.zeros(())) for n in self.structures})
         # Progress of the target warm-up in [0, 1]. A tensor, not a float, so a compiled model
@@ -115,19 +143,55 @@ class ShearingMasks(nn.Module):
     def _deterministic(self, name: str) -> torch.Tensor:
         # With tied embeddings one matrix is both the embedding (which would need the hidden gate
         # folded in) and the LM head (which must not), so kept hidden dims get gate 1 there.
-        binary = name == "hidden" and self.source.tie_word_embeddings
-        return topk_gates(self.log_alpha[name].float(), self._eval_k(name), self.temperature, binary=binary)
+        binary = self.gate_values == "binary" or (name == "hidden" and self.source.tie_word_embeddings)
+        # A per-row shift does not change the order inside a row, so top-k reads the raw logits;
+        # the soft values, though, are those of the shifted (projected) distribution.
+        la = self.effective_log_alpha()[name].float() if self.schedule == "projection" else self.log_alpha[name].float()
+        return topk_gates(la, self._eval_k(name), self.temperature, binary=binary)
+
+    # ---- the projected schedule ---------------------------------------------------------------
+    @torch.no_grad()
+    def row_shifts(self) -> dict[str, torch.Tensor]:
+        """Per row, the shift c with mean(P(z > 0 | log_alpha + c)) == the warm-up target fraction.
+
+        This is the exact projection of the expected size onto the warm-up target: the LM gradient
+        only orders the units of a row, the schedule alone decides how many are expected to stay.
+        P(z>0) is monotone in c, so a fixed number of vectorised bisection steps finds it."""
+        targets = self.target_fractions()
+        out = {}
+        for n, la in self.log_alpha.items():
+            x = la.detach().float()
+            t = targets[n].float()
+            lo = -x.amax(-1) - 40.0
+            hi = -x.amin(-1) + 40.0
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                frac = prob_nonzero(x + mid[..., None], self.temperature).mean(-1)
+                below = frac < t
+                lo = torch.where(below, mid, lo)
+                hi = torch.where(below, hi, mid)
+            out[n] = (lo + hi) / 2
+        return out
+
+    def effective_log_alpha(self) -> dict[str, torch.Tensor]:
+        """The logits the gates are drawn from: log_alpha itself (Lagrangian schedule) or log_alpha
+        plus the detached per-row projection shift (projected schedule)."""
+        if self.schedule != "projection":
+            return dict(self.log_alpha.items())
+        shifts = self.row_shifts()
+        return {n: la + shifts[n][..., None].to(la.dtype) for n, la in self.log_alpha.items()}
 
     def forward(self) -> dict[str, torch.Tensor | None]:
         """Draw this forward pass's gates (train) or the deterministic ones (eval) and derive the
         per-layer multipliers the model hooks read. In training also computes the Lagrangian."""
         if self.training:
-            z = {n: sample_gates(la.float(), self.temperature) for n, la in self.log_alpha.items()}
+            eff = self.effective_log_alpha()
+            z = {n: sample_gates(la.float(), self.temperature) for n, la in eff.items()}
         else:
             z = {n: self._deterministic(n) for n in self.structures}
         self.current = self._multipliers(z)
         if self.training and torch.is_grad_enabled():
-            self.last_lagrangian, self.last_stats = self.lagrangian()
+            self.last_lagrangian, self.last_stats = self.lagrangian(eff)
         return self.current
 
     def _multipliers(self, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
@@ -155,13 +219,17 @@ class ShearingMasks(nn.Module):
 
     @torch.no_grad()
     def constrain_(self) -> None:
-        """Clamp log_alpha into the reference code's range (call after each optimizer step)."""
+        """Clamp log_alpha into the reference code's range (call after each optimizer step); a no-op
+        when clamping is off (the projected schedule's default)."""
+        if not self.clamp:
+            return
         for p in self.log_alpha.values():
             p.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
 
     # ---- expectations and the Lagrangian ------------------------------------------------------
-    def keep_probabilities(self) -> dict[str, torch.Tensor]:
-        return {n: prob_nonzero(la.float(), self.temperature) for n, la in self.log_alpha.items()}
+    def keep_probabilities(self, effective: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        eff = self.effective_log_alpha() if effective is None else effective
+        return {n: prob_nonzero(la.float(), self.temperature) for n, la in eff.items()}
 
     def expected_counts(self) -> dict[str, torch.Tensor]:
         """Expected kept units per row (mean over rows), differentiable."""
@@ -195,8 +263,8 @@ class ShearingMasks(nn.Module):
         prog = self.warmup_progress.clamp(0, 1)
         return {n: 1 - (1 - st.target / st.row_size) * prog for n, st in self.structures.items()}
 
-    def lagrangian(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        probs = self.keep_probabilities()
+    def lagrangian(self, effective: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        probs = self.keep_probabilities(effective)
         targets = self.target_fractions()
         total = self.warmup_progress.new_zeros(())
         stats: dict[str, torch.Tensor] = {}
@@ -204,7 +272,8 @@ class ShearingMasks(nn.Module):
             frac = probs[n].sum(-1).mean() / st.row_size
             gap = frac - targets[n]
             l1, l2 = self.lambda_1[n], self.lambda_2[n]
-            total = total + _ascending(l1) * gap + _ascending(l2) * gap * gap
+            if self.schedule == "lagrangian":
+                total = total + _ascending(l1) * gap + _ascending(l2) * gap * gap
             stats[f"expected/{n}"] = (frac * st.row_size).detach()
             stats[f"target/{n}"] = (targets[n] * st.row_size).detach()
             stats[f"lambda1/{n}"] = l1.detach()
@@ -213,6 +282,10 @@ class ShearingMasks(nn.Module):
         # The parameter count of the shape the Lagrangian aims at now (source -> target over the warm-up).
         uniform = {n: probs[n].new_full(st.shape, 1.0) * targets[n] for n, st in self.structures.items()}
         stats["warmup_target_params"] = self.expected_num_params(uniform).detach()
+        # How far the expected size strays from where the schedule wants it, as a fraction of the
+        # whole reduction (source - target): negative = already smaller than the warm-up target.
+        span = float(self.source.num_params() - self.target.num_params())
+        stats["stray"] = (stats["expected_params"] - stats["warmup_target_params"]) / span
         stats["lagrangian"] = total.detach()
         return total, stats
 
@@ -223,6 +296,7 @@ class ShearingMasks(nn.Module):
             "target": self.target.as_dict(),
             "temperature": self.temperature,
             "eval_shape": self.eval_shape,
+            "schedule": self.schedule,
         }
 
     def set_extra_state(self, state) -> None:

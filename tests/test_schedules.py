@@ -1,0 +1,91 @@
+"""Mask schedules: the projected schedule holds the expected size on the warm-up target at every
+step and ends at exactly the target shape; both schedules keep masked == sliced."""
+import pytest
+import torch
+
+from composer_sheared import ModelShape, apply_shearing, prune_to_target
+from tests.tiny import randomize_masks, tiny_model
+
+TARGET = {"num_layers": 2, "hidden_size": 24, "num_attention_heads": 2, "num_key_value_heads": 1,
+          "intermediate_size": 30}
+
+
+def _model(**kw):
+    return tiny_model("llama", num_key_value_heads=2, **kw)
+
+
+@pytest.mark.parametrize("progress", [0.0, 0.25, 0.6, 1.0])
+def test_projection_puts_every_row_on_the_warmup_target(progress):
+    model = _model()
+    masks = apply_shearing(model, TARGET, schedule="projection")
+    randomize_masks(masks, scale=8.0)
+    masks.warmup_progress.fill_(progress)
+    probs = masks.keep_probabilities()
+    fracs = masks.target_fractions()
+    for name, p in probs.items():
+        per_row = p.mean(-1)
+        assert torch.allclose(per_row, fracs[name].expand_as(per_row), atol=1e-4), name
+    _, stats = masks.lagrangian()
+    span = masks.source.num_params() - masks.target.num_params()
+    assert abs(float(stats["expected_params"] - stats["warmup_target_params"])) <= 1e-4 * span
+    assert abs(float(stats["stray"])) <= 1e-4
+
+
+def test_lagrangian_schedule_does_not_project():
+    """The paper's schedule leaves the logits alone: its expected size is whatever they say."""
+    model = _model()
+    masks = apply_shearing(model, TARGET, schedule="lagrangian")
+    masks.warmup_progress.fill_(1.0)
+    _, stats = masks.lagrangian()
+    assert float(stats["stray"]) > 0.9  # init keeps everything; the target wants the reduction
+
+
+def test_projection_keeps_the_order_inside_rows():
+    masks = apply_shearing(_model(), TARGET, schedule="projection")
+    randomize_masks(masks, scale=5.0)
+    masks.warmup_progress.fill_(0.5)
+    eff = masks.effective_log_alpha()
+    for name, la in masks.log_alpha.items():
+        assert torch.equal(la.argsort(-1), eff[name].argsort(-1))
+
+
+def test_projection_training_ends_at_the_exact_target_and_slices_equal():
+    torch.manual_seed(0)
+    model = _model(attn_implementation="eager")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    masks = apply_shearing(model, TARGET, opt, schedule="projection", mask_lr=0.5)
+    ids = torch.randint(0, 96, (4, 12), generator=torch.Generator().manual_seed(1))
+    strays = []
+    for step in range(12):
+        masks.constrain_()
+        masks.warmup_progress.fill_(min(1.0, step / 6))
+        loss = model(input_ids=ids, labels=ids).loss + masks.last_lagrangian
+        strays.append(float(masks.last_stats["stray"]))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert max(abs(s) for s in strays) <= 1e-3
+    assert masks.lambda_1["hidden"].grad is None or float(masks.lambda_1["hidden"].abs()) == 0.0
+    model.eval()
+    sliced = prune_to_target(model)
+    assert ModelShape.from_hf_config(sliced.config) == masks.target
+    with torch.no_grad():
+        assert (model(ids).logits - sliced(ids).logits).abs().max().item() <= 1e-4
+    # binary gates: kept units are not rescaled, so untouched weights are copied as they are
+    assert masks.gate_values == "binary"
+
+
+def test_init_log_alpha_is_used_and_checked():
+    model = _model()
+    L = model.config.num_hidden_layers
+    init = {"layer": torch.tensor([9.0, -9.0, 3.0])}
+    masks = apply_shearing(model, TARGET, schedule="projection", init_log_alpha=init)
+    assert torch.equal(masks.log_alpha["layer"].detach(), init["layer"])
+    model.eval()
+    masks.eval()
+    gates = masks.deterministic_gates()
+    assert gates["layer"].tolist() == [1.0, 0.0, 1.0]  # the two best layers of 3 survive
+    with pytest.raises(ValueError, match="shape"):
+        apply_shearing(_model(), TARGET, init_log_alpha={"layer": torch.zeros(L + 1)})
+    with pytest.raises(ValueError, match="kv_group|does not prune"):
+        apply_shearing(_model(), {"num_layers": 2}, init_log_alpha={"hidden": torch.zeros(32)})
