@@ -1,7 +1,9 @@
 """Knowledge distillation: the KL core, the frozen teacher, and the Composer algorithm."""
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -244,3 +246,54 @@ def test_core_imports_no_composer():
     code = ("import sys, composer_sheared.distill\n"
             "sys.exit(any(m == 'composer' or m.startswith('composer.') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+_TWO_RANK_FSDP = r'''
+import sys, types, torch, torch.distributed as tdist
+from unittest import mock
+from composer.core import Event
+from composer.devices import DeviceCPU
+from composer.models import HuggingFaceModel
+from composer.utils.parallelism import FSDPConfig
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from composer_sheared.algorithms import Distillation
+from composer_sheared.distill import teacher_logits
+from tests.tiny import tiny_model
+
+tdist.init_process_group("gloo")
+algo = Distillation(teacher="copy")
+student = HuggingFaceModel(tiny_model(seed=2))
+algo.apply(Event.INIT, types.SimpleNamespace(model=student),
+           types.SimpleNamespace(log_hyperparameters=lambda d: None))
+state = types.SimpleNamespace(model=student, fsdp_enabled=True, fsdp_config_version=1,
+                              fsdp_config=FSDPConfig(sharding_strategy="FULL_SHARD", activation_checkpointing=True),
+                              precision="fp32", device=DeviceCPU())
+with mock.patch("torch.cuda.current_device", lambda: torch.device("cpu")):  # Composer's helper assumes CUDA
+    algo._place(state)
+ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+got = teacher_logits(algo.teacher, {"input_ids": ids, "labels": ids})
+with torch.no_grad():
+    ref = tiny_model(seed=2)(ids).logits
+local = sum(p.numel() for p in algo.teacher.parameters())
+full = sum(p.numel() for p in tiny_model(seed=2).parameters())
+units = sum(isinstance(m, FSDP) for m in algo.teacher.modules())
+ok = isinstance(algo.teacher, FSDP) and units == 4 and local * 2 == full and (got - ref).abs().max() < 1e-5
+ok = ok and not got.requires_grad and all(p.grad is None for p in student.parameters())
+print("FSDP-TEACHER", units, local, full, float((got - ref).abs().max()), flush=True)
+sys.exit(0 if ok else 1)
+'''
+
+
+def test_teacher_is_sharded_under_fsdp(tmp_path):
+    """Two gloo ranks: the teacher wrapped with the student's FSDP config (Composer's helper, with
+    its CUDA device lookup pointed at the CPU) holds half the weights per rank, one FSDP unit per
+    decoder layer plus the root, and gives the unsharded teacher's logits."""
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "two_rank_fsdp_teacher.py"
+    script.write_text(_TWO_RANK_FSDP)
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29741", str(script)], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("FSDP-TEACHER 4") == 2

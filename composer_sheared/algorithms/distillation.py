@@ -12,7 +12,7 @@ sees it and Composer's checkpoints (model, optimizer, algorithm state_dict) do n
 """
 from __future__ import annotations
 
-import dataclasses
+import copy
 from pathlib import Path
 from typing import Optional
 
@@ -113,14 +113,15 @@ class Distillation(Algorithm):
         self._placed = True
 
     def _shard(self, state: State, teacher: nn.Module) -> nn.Module:
-        # Untested on CPU (Composer's FSDP is CUDA-only). Same config as the student, minus
-        # activation checkpointing (the teacher runs without grad); decoder layers are the units.
+        # Same config as the student (a copy keeps its device mesh), minus activation checkpointing
+        # (the teacher runs without grad); decoder layers are the FSDP units.
         from composer.distributed.dist_strategy import prepare_fsdp_module
 
         if getattr(teacher, "fsdp_wrap_fn", None) is None:
             layer_type = type(teacher.model.layers[0])
             teacher.fsdp_wrap_fn = lambda module: isinstance(module, layer_type)
-        cfg = dataclasses.replace(state.fsdp_config, activation_checkpointing=False, activation_cpu_offload=False)
+        cfg = copy.copy(state.fsdp_config)
+        cfg.activation_checkpointing = cfg.activation_cpu_offload = False
         holder = _TeacherHolder(teacher)
         prepare_fsdp_module(holder, None, cfg, state.precision, state.device)
         return holder.model  # the FSDP-wrapped teacher; forward all-gathers one layer at a time
