@@ -4,7 +4,7 @@ kd_loss is the token mean of T^2 * KL(softmax(teacher / T) || softmax(student / 
 positions that also carry the LM loss. The T^2 keeps the gradient's scale independent of T
 (the softened gradient is (q - p) / T per logit). It is computed in fp32 in chunks of tokens,
 and its gradient is formed in the same pass, so the extra memory is one logits-sized tensor in
-the student's dtype (the gradient itself) plus fp32 work buffers of `chunk_tokens` x vocab.
+the student's dtype (the gradient itself) plus three fp32 buffers of `chunk_tokens` x vocab.
 
 The loss combination used by the Composer algorithm and by `apply_distillation`:
 
@@ -25,35 +25,39 @@ from torch import nn
 
 __all__ = ["apply_distillation", "frozen_copy", "kd_loss", "kd_token_mask", "load_teacher", "teacher_logits"]
 
-CHUNK_TOKENS = 2048  # fp32 buffers of CHUNK_TOKENS x vocab: 2048 x 128k x 4 B = 1 GiB each at most
+CHUNK_TOKENS = 1024  # fp32 buffers of CHUNK_TOKENS x vocab: 1024 x 128k x 4 B = 0.5 GiB each
 
 
 class _ChunkedKD(torch.autograd.Function):
-    """sum over the selected rows of KL(p_t || q_s) at temperature T, times T^2 / n.
+    """sum_rows weight * T^2 * KL(p_t || q_s) over [N, vocab] logits, in fp32 chunks of rows.
 
-    The gradient w.r.t. the student logits is T * (q - p) / n per selected row (zero elsewhere);
-    computing it in the forward pass avoids keeping the fp32 softmaxes for backward."""
+    Per row, KL = sum p (t - s) / T - lse(t / T) + lse(s / T) (p sums to 1), so no log-prob
+    tensors are formed. The gradient w.r.t. the student row is weight * T * (q - p); it is
+    written in the forward pass, so the fp32 softmaxes are not kept for backward. Logits must be
+    finite. Rows are contiguous slices (no gather): a masked row costs compute, not memory."""
 
     @staticmethod
-    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor, temperature: float,
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, temperature: float,
                 chunk: int) -> torch.Tensor:
-        n = rows.numel()
         want_grad = ctx.needs_input_grad[0]
-        grad = torch.zeros_like(student) if want_grad else None
+        grad = torch.empty_like(student) if want_grad else None
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         t_inv = 1.0 / temperature
-        for start in range(0, n, chunk):
-            idx = rows[start:start + chunk]
-            log_q = torch.log_softmax(student.index_select(0, idx).float() * t_inv, dim=-1)
-            log_p = torch.log_softmax(teacher.index_select(0, idx).float() * t_inv, dim=-1)
-            p = log_p.exp()
-            # p * (log p - log q) with 0 log 0 = 0 (teacher logits of -inf are allowed)
-            total += torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum()
+        for a in range(0, student.shape[0], chunk):
+            s = student[a:a + chunk].float() * t_inv
+            t = teacher[a:a + chunk].float() * t_inv
+            w = weight[a:a + chunk]
+            lse_s, lse_t = torch.logsumexp(s, -1, keepdim=True), torch.logsumexp(t, -1, keepdim=True)
+            diff = t - s
+            p = t.sub_(lse_t).exp_()  # in place: t is not needed any more
+            kl = diff.mul_(p).sum(-1) - lse_t.squeeze(-1) + lse_s.squeeze(-1)
+            total += (kl * w).sum()
             if want_grad:
-                grad.index_copy_(0, idx, ((log_q.exp() - p) * (temperature / n)).to(grad.dtype))
+                q = s.sub_(lse_s).exp_()
+                grad[a:a + chunk] = q.sub_(p).mul_((w * temperature).unsqueeze(-1))
         if want_grad:
             ctx.save_for_backward(grad)
-        return total * (temperature * temperature / max(n, 1))
+        return total * (temperature * temperature)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -76,12 +80,13 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     student = student_logits.reshape(-1, vocab)
     teacher = teacher_logits.detach().reshape(-1, vocab)
     if mask is None:
-        rows = torch.arange(student.shape[0], device=student.device)
+        weight = torch.full((student.shape[0],), 1.0 / max(student.shape[0], 1), device=student.device)
     else:
         if mask.shape != student_logits.shape[:-1]:
             raise ValueError(f"kd_loss: mask shape {tuple(mask.shape)}, expected {tuple(student_logits.shape[:-1])}")
-        rows = mask.reshape(-1).to(torch.bool).nonzero().squeeze(1).to(student.device)
-    return _ChunkedKD.apply(student, teacher, rows, float(temperature), int(chunk_tokens))
+        weight = mask.reshape(-1).to(device=student.device, dtype=torch.float32)
+        weight = weight / weight.sum().clamp_min(1.0)
+    return _ChunkedKD.apply(student, teacher, weight, float(temperature), int(chunk_tokens))
 
 
 def kd_token_mask(batch: Mapping[str, Any], seq_len: Optional[int] = None) -> Optional[torch.Tensor]:
