@@ -12,6 +12,7 @@ _LAZY = {
     "prune_to_target": "composer_sheared.pruning",
     "ShearingMasks": "composer_sheared.pruning",
     "ShearingPruning": "composer_sheared.algorithms",
+    "Distillation": "composer_sheared.algorithms",
     "DynamicBatchLoading": "composer_sheared.callbacks",
     "DynamicStreamingDataset": "composer_sheared.data",
 }

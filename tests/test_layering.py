@@ -3,7 +3,8 @@ import subprocess
 import sys
 
 CORE = ["composer_sheared", "composer_sheared.shapes", "composer_sheared.pruning", "composer_sheared.data",
-        "composer_sheared.data.mixing"]
+        "composer_sheared.data.mixing", "composer_sheared.data.calibration", "composer_sheared.distill",
+        "composer_sheared.domain_loss"]
 
 
 def test_core_imports_no_composer():
