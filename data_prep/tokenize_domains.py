@@ -58,13 +58,18 @@ def token_dtype(vocab_size: int) -> str:
 
 def write_mds_sequences(out_dir: str, sequences: Iterable[np.ndarray], seq_len: int, vocab_size: int,
                         compression: Optional[str] = None, size_limit: Union[int, str] = 1 << 26) -> int:
-    """Write fixed-length token sequences as MDS (column ``tokens``); returns how many."""
+    """Write fixed-length token sequences as MDS (column ``tokens``); returns how many.
+
+    Each shard's hash goes into ``index.json``; the datasets check it on read.
+    """
     from streaming import MDSWriter
+
+    from composer_sheared.data.integrity import HASH
 
     dtype = token_dtype(vocab_size)
     n = 0
     with MDSWriter(out=out_dir, columns={"tokens": f"ndarray:{dtype}:{seq_len}"},
-                   compression=compression, size_limit=size_limit) as writer:
+                   compression=compression, size_limit=size_limit, hashes=[HASH]) as writer:
         for seq in sequences:
             seq = np.asarray(seq)
             if seq.shape != (seq_len,):
