@@ -1,6 +1,8 @@
 """Damaged data: truncated or overwritten shards, a vocabulary larger than the model's."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -113,3 +115,24 @@ def test_check_vocab_against_the_model(root, caplog):
     os.remove(root / "stats.json")
     assert check_vocab(str(root), 128) is None
     assert "cannot check" in caplog.text
+
+
+def test_a_killed_runs_shared_block_is_removed_by_the_next_run(root):
+    """A SIGKILLed process cannot unlink its /dev/shm block; the next dataset does it for it."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = ("import sys, time; sys.path.insert(0, sys.argv[1])\n"
+              "from composer_sheared.data import DynamicStreamingDataset\n"
+              "ds = DynamicStreamingDataset(sys.argv[2], ['a', 'b'], [0.5, 0.5], batch_size=4)\n"
+              "print(ds._control.path, flush=True); time.sleep(300)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, repo, str(root)], stdout=subprocess.PIPE, text=True)
+    try:
+        path = proc.stdout.readline().strip()
+        assert os.path.basename(path).startswith(f"composer_sheared_dbl_{proc.pid}_") and os.path.exists(path)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert os.path.exists(path)  # SIGKILL: nothing ran to remove it
+    alive = open_train(root)  # a live block is never touched
+    open_train(root)
+    assert not os.path.exists(path)
+    assert os.path.exists(alive._control.path)
