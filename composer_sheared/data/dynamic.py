@@ -294,7 +294,8 @@ class DynamicStreamingDataset(IterableDataset):
             vocab = self.vocab_size
             for d, idx in zip(my_doms.tolist(), idxs.tolist()):
                 tokens = self._streams[d][idx]["tokens"]
-                if vocab is not None and tokens.max() >= vocab:
+                # Hash-checked data cannot hold stray ids; other data is checked per sample.
+                if vocab is not None and not self._streams[d].all_hashed and tokens.max() >= vocab:
                     check_tokens(tokens, vocab, f"domain {self.domains[d]!r} split {self.split!r}: shard file "
                                                 f"{self._streams[d].shard_file(idx)}, sample "
                                                 f"{self._streams[d].locate(idx)[1]} of the shard ({idx} of the domain)")
