@@ -136,3 +136,21 @@ def test_a_killed_runs_shared_block_is_removed_by_the_next_run(root):
     open_train(root)
     assert not os.path.exists(path)
     assert os.path.exists(alive._control.path)
+
+
+def test_stale_temp_dirs_only_of_dead_owners_on_this_host_are_removed(tmp_path):
+    from composer_sheared.atomic import atomic_directory, host_tag
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = {"dead": f".out.partial-{dead.pid}@{host_tag()}-abc123_x",
+             "dead_old": f".out.old-{dead.pid}@{host_tag()}-zz9",
+             "live": f".out.partial-{os.getpid()}@{host_tag()}-abc123_y",
+             "other_host": f".out.partial-{dead.pid}@elsewhere-abc123_z",
+             "other_dir": f".outer.partial-{dead.pid}@{host_tag()}-abc123_w"}
+    for n in names.values():
+        (tmp_path / n).mkdir()
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("x")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["out", names["live"], names["other_host"], names["other_dir"]])
