@@ -112,6 +112,9 @@ def test_check_vocab_against_the_model(root, caplog):
     (root / "stats.json").write_text(json.dumps({"vocab_size": "many"}))
     with pytest.raises(ValueError, match=r"stats.json: 'vocab_size' should be a positive integer, got 'many'"):
         check_vocab(str(root), 128)
+    (root / "stats.json").write_text(json.dumps({"vocab_size": VOCAB}))
+    with pytest.raises(ValueError, match=r"vocabulary of 1000 tokens, larger than the model's vocab_size 999"):
+        open_train(root, vocab_size=VOCAB - 1)  # the dataset given the model's vocabulary checks it too
     os.remove(root / "stats.json")
     assert check_vocab(str(root), 128) is None
     assert "cannot check" in caplog.text

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from composer_sheared.data.control import MAX_WORKERS, NUM_WORKERS, RANK, START_BATCH, WORLD_SIZE, ControlBlock
-from composer_sheared.data.integrity import check_tokens, data_vocab_size
+from composer_sheared.data.integrity import check_tokens, check_vocab, data_vocab_size
 from composer_sheared.data.mixing import validate_proportions
 from composer_sheared.data.reader import MDSDirectory
 from composer_sheared.data.schedule import DomainOrder, batch_plan, counts_before, proportions_at
@@ -95,8 +95,8 @@ class DynamicStreamingDataset(IterableDataset):
         verify: shard hash checks against ``index.json``: ``"open"`` (all local shards now; reads
             the whole split once), ``"lazy"`` (each shard when a process first reads it: for data
             much larger than what a run reads), ``"size"`` (file sizes only; always done).
-        vocab_size: every token read must be below it; default: ``vocab_size`` of
-            ``<local>/stats.json`` if there is one.
+        vocab_size: every token read must be below it (e.g. the model's; checked against
+            ``<local>/stats.json`` at once); default: the ``vocab_size`` of that file, if any.
 
     Items: ``{"input_ids": LongTensor[T], "labels": LongTensor[T], "domain_id": int}``.
     Use it with ``DataLoader(ds, batch_size=batch_size, num_workers=...)``; the stream has no end,
@@ -128,7 +128,10 @@ class DynamicStreamingDataset(IterableDataset):
 
         kwargs = dict(reader_kwargs or {})
         self._streams = [_open_domain(local, remote, split, d, kwargs, verify) for d in self.domains]
-        self.vocab_size = vocab_size if vocab_size is not None else data_vocab_size(local)
+        data_vocab = data_vocab_size(local)
+        if vocab_size is not None and data_vocab is not None:
+            check_vocab(local, vocab_size)  # hash-checked shards skip the per-sample check below
+        self.vocab_size = vocab_size if vocab_size is not None else data_vocab
         self.sizes = [len(s) for s in self._streams]
         for d, n in zip(self.domains, self.sizes):
             if n == 0:
