@@ -166,7 +166,10 @@ _TOKENIZER = None
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """Make this worker exit when the parent dies, even by SIGKILL (no orphans left tokenizing)."""
+    """Make this worker exit when the parent dies, even by SIGKILL (no orphans left tokenizing).
+
+    Linux signals on the death of the *thread* that forked us: the pool forks its workers from
+    the thread calling tokenize_domains, which outlives the pool."""
     if sys.platform.startswith("linux"):
         import ctypes
         import signal
