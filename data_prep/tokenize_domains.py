@@ -58,13 +58,18 @@ def token_dtype(vocab_size: int) -> str:
 
 def write_mds_sequences(out_dir: str, sequences: Iterable[np.ndarray], seq_len: int, vocab_size: int,
                         compression: Optional[str] = None, size_limit: Union[int, str] = 1 << 26) -> int:
-    """Write fixed-length token sequences as MDS (column ``tokens``); returns how many."""
+    """Write fixed-length token sequences as MDS (column ``tokens``); returns how many.
+
+    Each shard's hash goes into ``index.json``; the datasets check it on read.
+    """
     from streaming import MDSWriter
+
+    from composer_sheared.data.integrity import HASH
 
     dtype = token_dtype(vocab_size)
     n = 0
     with MDSWriter(out=out_dir, columns={"tokens": f"ndarray:{dtype}:{seq_len}"},
-                   compression=compression, size_limit=size_limit) as writer:
+                   compression=compression, size_limit=size_limit, hashes=[HASH]) as writer:
         for seq in sequences:
             seq = np.asarray(seq)
             if seq.shape != (seq_len,):
@@ -104,22 +109,29 @@ def _domain_name(raw: str, domain_map: Mapping[str, str], where: str) -> str:
     return name
 
 
-def find_inputs(inputs: Sequence[str]) -> list[tuple[str, str]]:
-    """[(file, directory-derived domain)] for files and (recursively) directories, sorted."""
+def find_inputs(inputs: Sequence[str], by_directory: bool = True) -> list[tuple[str, str]]:
+    """[(file, directory-derived domain)] for files and (recursively) directories, sorted.
+
+    An input directory without JSONL files is an error, and so is (when the domain is the
+    directory name) an empty leaf directory under one: it would be a domain silently missing.
+    """
     found = []
     for inp in inputs:
         if os.path.isdir(inp):
+            before = len(found)
             for root, dirs, files in os.walk(inp):
                 dirs.sort()
-                for f in sorted(files):
-                    if f.endswith(JSONL_SUFFIXES):
-                        found.append(os.path.join(root, f))
+                jsonl = [f for f in sorted(files) if f.endswith(JSONL_SUFFIXES)]
+                if by_directory and not dirs and not jsonl and os.path.abspath(root) != os.path.abspath(inp):
+                    raise ValueError(f"domain {os.path.basename(root)!r}: input directory {root} has no JSONL "
+                                     f"files ({', '.join(JSONL_SUFFIXES)})")
+                found += [os.path.join(root, f) for f in jsonl]
+            if len(found) == before:
+                raise ValueError(f"input directory {inp} has no JSONL files ({', '.join(JSONL_SUFFIXES)})")
         elif os.path.isfile(inp):
             found.append(inp)
         else:
             raise FileNotFoundError(f"input {inp!r} does not exist")
-    if not found:
-        raise FileNotFoundError(f"no JSONL files ({', '.join(JSONL_SUFFIXES)}) under {list(inputs)}")
     files = sorted(set(os.path.abspath(f) for f in found))
     return [(f, os.path.basename(os.path.dirname(f))) for f in files]
 
@@ -153,8 +165,35 @@ class _FileResult:
 _TOKENIZER = None
 
 
-def _init_worker(tokenizer) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this worker exit when the parent dies, even by SIGKILL (no orphans left tokenizing).
+
+    Linux signals on the death of the *thread* that forked us: the pool forks its workers from
+    the thread calling tokenize_domains, which outlives the pool."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    else:
+        import threading
+        import time
+
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
+
+
+def _init_worker(tokenizer, parent_pid: Optional[int] = None) -> None:
     global _TOKENIZER
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _TOKENIZER = _load_tokenizer(tokenizer)
 
@@ -335,7 +374,7 @@ def tokenize_domains(inputs: Union[str, Sequence[str]], out: str, tokenizer, seq
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     if domain_map is None:
         domain_map = REDPAJAMA_SHORT_NAMES if domain_key == "meta.redpajama_set_name" else {}
-    files = find_inputs(inputs)
+    files = find_inputs(inputs, by_directory=not domain_key)
     tok = _load_tokenizer(tokenizer)
     vocab_size = len(tok)
     workers = max(1, min(workers or (os.cpu_count() or 1), len(files)))
@@ -361,7 +400,8 @@ def tokenize_domains(inputs: Union[str, Sequence[str]], out: str, tokenizer, seq
             # parent has only loaded the tokenizer, not run it, so its Rust thread pool is unused.
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(tokenizer if isinstance(tokenizer, (str, os.PathLike)) else tok,)) as ex:
+                                     initargs=(tokenizer if isinstance(tokenizer, (str, os.PathLike)) else tok,
+                                               os.getpid())) as ex:
                 results = []
                 for r in ex.map(_tokenize_file, jobs):
                     results.append(r)
@@ -371,7 +411,10 @@ def tokenize_domains(inputs: Union[str, Sequence[str]], out: str, tokenizer, seq
 
         per_domain: dict[str, tuple[list[str], list[str]]] = {}
         skipped: dict[str, int] = {}
-        for r in results:
+        for r, (path, dir_domain) in zip(results, files):
+            if not r.domains and not r.skipped:
+                named = "" if domain_key else f" (domain {domain_map.get(dir_domain, dir_domain)!r})"
+                raise ValueError(f"{path}: empty JSONL file{named}: no documents")
             for reason, n in r.skipped.items():
                 skipped[reason] = skipped.get(reason, 0) + n
             for domain, (path, _, lens_path) in r.domains.items():
@@ -380,6 +423,9 @@ def tokenize_domains(inputs: Union[str, Sequence[str]], out: str, tokenizer, seq
                 per_domain[domain][1].append(lens_path)
         if not per_domain:
             raise ValueError(f"no documents found in {len(files)} input file(s)")
+        if not domain_key:
+            for d in sorted({domain_map.get(dd, dd) for _, dd in files} - set(per_domain)):
+                raise ValueError(f"domain {d!r}: no documents in its input files (every line was skipped)")
 
         stats: dict[str, Any] = {"seq_len": seq_len, "eval_sequences": eval_sequences, "vocab_size": vocab_size,
                                  "dtype": token_dtype(vocab_size), "input_files": len(files), "domains": {}}

@@ -3,7 +3,10 @@ import gzip
 import json
 import os
 import random
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -185,3 +188,83 @@ def test_local_corpus_empty_domain_is_an_error(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match=r"domain 'docs' is empty.*nothing"):
         local_corpus.build_local_corpus(str(tmp_path / "o"), domains=["docs"], roots={"docs": [str(empty)]})
+
+
+def test_empty_domain_directory_or_jsonl_file_is_an_error(corpus, tokenizer_dir, capsys):
+    (corpus / "in" / "delta").mkdir()
+    with pytest.raises(ValueError, match=r"domain 'delta': input directory .*delta has no JSONL files"):
+        td.tokenize_domains(str(corpus / "in"), str(corpus / "o1"), tokenizer_dir, SEQ, 5, workers=1, progress=False)
+    rc = td.main(["--input", str(corpus / "in"), "--out", str(corpus / "o1"), "--tokenizer", tokenizer_dir,
+                  "--seq-len", str(SEQ), "--eval-sequences", "5", "--workers", "1", "--no-progress"])
+    assert rc == 2 and "domain 'delta'" in capsys.readouterr().err
+    (corpus / "in" / "delta" / "part.jsonl").write_text("\n")  # a file with no document
+    with pytest.raises(ValueError, match=r"delta/part\.jsonl: empty JSONL file \(domain 'delta'\)"):
+        td.tokenize_domains(str(corpus / "in"), str(corpus / "o1"), tokenizer_dir, SEQ, 5, workers=1, progress=False)
+    os.remove(corpus / "in" / "delta" / "part.jsonl")
+    os.rmdir(corpus / "in" / "delta")
+    (corpus / "in" / "alpha" / "part3.jsonl").write_text("")  # also beside non-empty files of its domain
+    with pytest.raises(ValueError, match=r"alpha/part3\.jsonl: empty JSONL file \(domain 'alpha'\)"):
+        td.tokenize_domains(str(corpus / "in"), str(corpus / "o1"), tokenizer_dir, SEQ, 5, workers=2, progress=False)
+    empty = corpus / "nothing"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"input directory .*nothing has no JSONL files"):
+        td.tokenize_domains(str(empty), str(corpus / "o1"), tokenizer_dir, SEQ, 5, workers=1, progress=False)
+    assert not (corpus / "o1").exists()
+
+
+def test_all_lines_skipped_is_a_missing_domain_error(corpus, tokenizer_dir):
+    (corpus / "in" / "delta").mkdir()
+    (corpus / "in" / "delta" / "bad.jsonl").write_text("not json\n{\"x\": 1}\n")
+    with pytest.raises(ValueError, match=r"domain 'delta': no documents in its input files"):
+        td.tokenize_domains(str(corpus / "in"), str(corpus / "o"), tokenizer_dir, SEQ, 5, workers=1,
+                            skip_bad_lines=True, progress=False)
+
+
+def _running(pid):
+    """Alive and not a zombie (an orphan's reaper may be slow)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_sigkill_kills_the_workers_and_the_rerun_removes_the_partial_dir(corpus, tokenizer_dir):
+    """SIGKILL the parent while both workers tokenize: they die with it; the rerun leaves no temp dir."""
+    marks = corpus / "marks"
+    marks.mkdir()
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = ("import os, sys, time; sys.path.insert(0, sys.argv[1])\n"
+              "from data_prep import tokenize_domains as td\n"
+              "def slow(job):\n"
+              "    open(os.path.join(sys.argv[2], str(os.getpid())), 'w').close(); time.sleep(300)\n"
+              "td._tokenize_file = slow  # inherited by the forked workers\n"
+              "td.tokenize_domains(sys.argv[3], sys.argv[4], sys.argv[5], 16, 5, workers=2, progress=False)\n")
+    out = corpus / "out"
+    proc = subprocess.Popen([sys.executable, "-c", script, repo, str(marks), str(corpus / "in"), str(out),
+                             tokenizer_dir])
+    workers = []
+    try:
+        deadline = time.time() + 240
+        while len(workers) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            workers = [int(p) for p in os.listdir(marks)]
+        assert len(workers) == 2, f"workers did not start (exit code {proc.poll()})"
+        partials = [p for p in os.listdir(corpus) if p.startswith(".out.partial-")]
+        assert len(partials) == 1
+    finally:
+        proc.kill()
+        proc.wait()
+    try:
+        deadline = time.time() + 20
+        while any(_running(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not [w for w in workers if _running(w)], "tokenizer workers outlived their killed parent"
+    finally:
+        for w in workers:
+            if _running(w):
+                os.kill(w, signal.SIGKILL)
+    assert (corpus / partials[0]).is_dir()  # SIGKILL left it
+    td.tokenize_domains(str(corpus / "in"), str(out), tokenizer_dir, SEQ, 5, workers=1, progress=False)
+    assert sorted(p for p in os.listdir(corpus) if p.startswith(".out")) == []
+    assert (out / "stats.json").is_file()

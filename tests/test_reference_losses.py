@@ -12,7 +12,7 @@ from data_prep import fit_reference_losses as frl  # noqa: E402
 
 FAMILY_N = [6_738_415_616, 13_015_864_320, 68_976_648_192]
 
-# METHOD.md: the paper's references, domain order cc, github, book, stackexchange, wiki, arxiv, c4.
+# The Sheared-LLaMA paper's reference losses, domain order cc, github, book, stackexchange, wiki, arxiv, c4.
 PAPER_2_7B = [1.8712, 0.6883, 2.0325, 1.5353, 1.6297, 1.3560, 2.0328]
 PAPER_1_3B = [1.9643, 0.7459, 2.1393, 1.6117, 1.7590, 1.4449, 2.1251]
 
@@ -62,16 +62,14 @@ def test_cli_writes_yaml_for_a_family_file(tmp_path):
     assert got["reference_list"] == [got["references"]["x"], got["references"]["y"]]
 
 
-def test_default_family_missing_is_a_clear_error(monkeypatch, capsys):
-    monkeypatch.setattr(frl, "LLAMA2_REDPAJAMA", None)
-    assert frl.main(["--target", "1.3b"]) == 2
-    assert "not shipped" in capsys.readouterr().err
-
-
-@pytest.mark.skipif(frl.LLAMA2_REDPAJAMA is None,
-                    reason="LLaMA2 7B/13B/70B per-domain losses (Sheared-LLaMA appendix) not available in this "
-                           "checkout; see data_prep/fit_reference_losses.py")
 def test_llama2_family_reproduces_the_paper_references():
     for target, paper in (("2.7b", PAPER_2_7B), ("1.3b", PAPER_1_3B)):
         got = frl.reference_losses(frl.TARGETS[target])["reference_list"]
         np.testing.assert_allclose(got, paper, atol=1e-3, err_msg=target)
+
+
+def test_cli_default_family_prints_the_paper_references(capsys):
+    assert frl.main(["--target", "1.3b"]) == 0
+    got = yaml.safe_load(capsys.readouterr().out)
+    assert got["domains"] == ["cc", "github", "book", "stackexchange", "wiki", "arxiv", "c4"]
+    np.testing.assert_allclose(got["reference_list"], PAPER_1_3B, atol=1e-3)

@@ -4,6 +4,7 @@
 """
 from composer_sheared.data.dynamic import DynamicStreamingDataset, resolve_world, token_item
 from composer_sheared.data.eval import TokenStreamingDataset, domain_eval_dataset
+from composer_sheared.data.integrity import DataIntegrityError, check_vocab
 from composer_sheared.data.mixing import RULES, excess_losses, update_weights, validate_proportions
 
 __all__ = [
@@ -16,4 +17,6 @@ __all__ = [
     "resolve_world",
     "token_item",
     "RULES",
+    "check_vocab",
+    "DataIntegrityError",
 ]

@@ -10,17 +10,23 @@ of it (it unlinks segments a child merely attached to).
 Layout: int64 header | int64 claims[MAX_WORKERS] | int64 starts[capacity] | float64 props[capacity, D]
 Writers append the entry first and bump ``n`` then ``version`` last, so a reader that sees a
 version also sees the entries it covers.
+
+The file is named ``composer_sheared_dbl_<pid>_<host>_<id>``; a killed run cannot unlink it, so
+every new block first removes those of this host whose owner process is gone.
 """
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import uuid
 import weakref
 
 import numpy as np
 
-__all__ = ["ControlBlock"]
+from composer_sheared.atomic import host_tag, pid_alive
+
+__all__ = ["ControlBlock", "remove_stale_blocks"]
 
 _HEADER = 8
 VERSION, N_CHANGES, START_BATCH, NUM_WORKERS, RANK, WORLD_SIZE = range(6)
@@ -31,6 +37,27 @@ def _shm_dir() -> str:
     # /dev/shm keeps the block in RAM on Linux; fall back to the temp dir elsewhere.
     d = "/dev/shm"
     return d if os.path.isdir(d) and os.access(d, os.W_OK) else tempfile.gettempdir()
+
+
+_PREFIX = "composer_sheared_dbl_"
+
+
+def remove_stale_blocks(directory: str) -> list[str]:
+    """Unlink blocks of this host whose owner pid is dead (left by SIGKILLed runs); returns them.
+
+    The host is in the name because /dev/shm can be shared by containers of several machines.
+    Names without a host are from older versions, which wrote them on this machine."""
+    pattern = re.compile(rf"^{_PREFIX}(\d+)_(?:{re.escape(host_tag())}_)?[0-9a-f]{{12}}$")
+    removed = []
+    for name in os.listdir(directory):
+        m = pattern.match(name)
+        if m and not pid_alive(int(m.group(1))):
+            try:
+                os.unlink(os.path.join(directory, name))
+                removed.append(name)
+            except FileNotFoundError:
+                pass  # another process cleaned it first
+    return removed
 
 
 def _unlink_if_owner(path: str, owner_pid: int) -> None:
@@ -45,7 +72,8 @@ def _unlink_if_owner(path: str, owner_pid: int) -> None:
 class ControlBlock:
     def __init__(self, num_domains: int, capacity: int = 8192):
         self.num_domains, self.capacity = num_domains, capacity
-        self.path = os.path.join(_shm_dir(), f"composer_sheared_dbl_{os.getpid()}_{uuid.uuid4().hex[:12]}")
+        remove_stale_blocks(_shm_dir())
+        self.path = os.path.join(_shm_dir(), f"{_PREFIX}{os.getpid()}_{host_tag()}_{uuid.uuid4().hex[:12]}")
         with open(self.path, "wb") as f:
             f.truncate(self._nbytes())
         self._finalizer = weakref.finalize(self, _unlink_if_owner, self.path, os.getpid())

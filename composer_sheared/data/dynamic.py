@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from composer_sheared.data.control import MAX_WORKERS, NUM_WORKERS, RANK, START_BATCH, WORLD_SIZE, ControlBlock
+from composer_sheared.data.integrity import check_tokens, check_vocab, data_vocab_size
 from composer_sheared.data.mixing import validate_proportions
 from composer_sheared.data.reader import MDSDirectory
 from composer_sheared.data.schedule import DomainOrder, batch_plan, counts_before, proportions_at
@@ -59,13 +60,15 @@ def token_item(tokens: np.ndarray, domain_id: int, sample_id: Optional[int] = No
     return item
 
 
-def _open_domain(local: str, remote: Optional[str], split: str, domain: str, reader_kwargs: dict) -> MDSDirectory:
+def _open_domain(local: str, remote: Optional[str], split: str, domain: str, reader_kwargs: dict,
+                 verify: str = "open") -> MDSDirectory:
     dom_local = os.path.join(local, split, domain)
     dom_remote = None if remote is None else os.path.join(remote, split, domain)
     if dom_remote is None and not os.path.isfile(os.path.join(dom_local, "index.json")):
         raise FileNotFoundError(f"domain {domain!r} split {split!r}: no MDS index at "
                                 f"{os.path.join(dom_local, 'index.json')} (run data_prep/tokenize_domains.py)")
-    return MDSDirectory(dom_local, dom_remote, **reader_kwargs)
+    return MDSDirectory(dom_local, dom_remote, **reader_kwargs, name=f"domain {domain!r} split {split!r}",
+                        verify=verify)
 
 
 class DynamicStreamingDataset(IterableDataset):
@@ -89,6 +92,11 @@ class DynamicStreamingDataset(IterableDataset):
         max_changes: capacity of the shared change log.
         reader_kwargs: ``download_retry``, ``download_timeout``, ``allow_unsafe_types`` for the
             shard readers (see ``reader.MDSDirectory``).
+        verify: shard hash checks against ``index.json``: ``"open"`` (all local shards now; reads
+            the whole split once), ``"lazy"`` (each shard when a process first reads it: for data
+            much larger than what a run reads), ``"size"`` (file sizes only; always done).
+        vocab_size: every token read must be below it (e.g. the model's; checked against
+            ``<local>/stats.json`` at once); default: the ``vocab_size`` of that file, if any.
 
     Items: ``{"input_ids": LongTensor[T], "labels": LongTensor[T], "domain_id": int}``.
     Use it with ``DataLoader(ds, batch_size=batch_size, num_workers=...)``; the stream has no end,
@@ -99,7 +107,7 @@ class DynamicStreamingDataset(IterableDataset):
                  split: str = "train", remote: Optional[str] = None, shuffle: bool = True, seed: int = 17, *,
                  lookahead: Optional[int] = None, rank: Optional[int] = None,
                  world_size: Optional[int] = None, return_sample_ids: bool = False, max_changes: int = 8192,
-                 reader_kwargs: Optional[dict] = None):
+                 reader_kwargs: Optional[dict] = None, verify: str = "open", vocab_size: Optional[int] = None):
         super().__init__()
         self.domains = list(domains)
         if not self.domains:
@@ -119,7 +127,11 @@ class DynamicStreamingDataset(IterableDataset):
             resolve_world(rank, world_size)  # fail early on a bad override
 
         kwargs = dict(reader_kwargs or {})
-        self._streams = [_open_domain(local, remote, split, d, kwargs) for d in self.domains]
+        self._streams = [_open_domain(local, remote, split, d, kwargs, verify) for d in self.domains]
+        data_vocab = data_vocab_size(local)
+        if vocab_size is not None and data_vocab is not None:
+            check_vocab(local, vocab_size)  # hash-checked shards skip the per-sample check below
+        self.vocab_size = vocab_size if vocab_size is not None else data_vocab
         self.sizes = [len(s) for s in self._streams]
         for d, n in zip(self.domains, self.sizes):
             if n == 0:
@@ -282,9 +294,15 @@ class DynamicStreamingDataset(IterableDataset):
                         log.info("domain %r: pass %d over its %d samples starts (new %sorder)",
                                  self.domains[d], epoch, self.sizes[d], "shuffled " if self.shuffle else "")
                     last_epoch[d] = epoch
+            vocab = self.vocab_size
             for d, idx in zip(my_doms.tolist(), idxs.tolist()):
-                sample = self._streams[d][idx]
-                yield token_item(sample["tokens"], d, idx if self.return_sample_ids else None)
+                tokens = self._streams[d][idx]["tokens"]
+                # Hash-checked data cannot hold stray ids; other data is checked per sample.
+                if vocab is not None and not self._streams[d].all_hashed and tokens.max() >= vocab:
+                    check_tokens(tokens, vocab, f"domain {self.domains[d]!r} split {self.split!r}: shard file "
+                                                f"{self._streams[d].shard_file(idx)}, sample "
+                                                f"{self._streams[d].locate(idx)[1]} of the shard ({idx} of the domain)")
+                yield token_item(tokens, d, idx if self.return_sample_ids else None)
             k += nworkers
 
     def plan(self, first_batch: int, num_batches: int, rank: Optional[int] = None) -> list[list[tuple[int, int]]]:

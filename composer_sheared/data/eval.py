@@ -7,28 +7,51 @@ from typing import Any, Optional
 from streaming import StreamingDataset
 
 from composer_sheared.data.dynamic import token_item
+from composer_sheared.data.integrity import ShardChecker, check_tokens, data_vocab_size
 
 __all__ = ["TokenStreamingDataset", "domain_eval_dataset"]
 
 
 class TokenStreamingDataset(StreamingDataset):
-    """A StreamingDataset over a ``tokens`` MDS column yielding the training item format."""
+    """A StreamingDataset over a ``tokens`` MDS column yielding the training item format.
 
-    def __init__(self, *, domain_id: int = 0, return_sample_ids: bool = False, **kwargs: Any):
+    Shards are checked against ``index.json`` when it opens (sizes; hashes per ``verify``, see
+    ``integrity.ShardChecker``; shards fetched from a remote are hash-checked when first read)
+    and tokens against ``vocab_size`` on every read. ``name`` labels error messages.
+    """
+
+    def __init__(self, *, domain_id: int = 0, return_sample_ids: bool = False, name: Optional[str] = None,
+                 verify: str = "open", vocab_size: Optional[int] = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.domain_id, self.return_sample_ids = int(domain_id), return_sample_ids
+        self.name, self.vocab_size = name, vocab_size
+        remote = any(s.remote is not None for s in self.streams)
+        self._checker = ShardChecker(self.shards, name or "eval data", verify, remote=remote)
 
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
-        sample = super().get_item(sample_id, retry)
-        return token_item(sample["tokens"], self.domain_id, sample_id if self.return_sample_ids else None)
+        shard_id, shard_sample = self.spanner[sample_id]
+        if shard_id not in self._checker.verified and self._checker.present(shard_id):
+            self._checker.check(shard_id, sample=shard_sample)
+        sample = super().get_item(sample_id, retry)  # fetches a remote shard if needed
+        if shard_id not in self._checker.verified:  # just fetched
+            self._checker.check(shard_id, sample=shard_sample)
+        tokens = sample["tokens"]
+        if self.vocab_size is not None and tokens.max() >= self.vocab_size:
+            shard = self.shards[shard_id]
+            check_tokens(tokens, self.vocab_size,
+                         f"{self.name or 'eval data'}: shard file "
+                         f"{os.path.join(shard.dirname, shard.split, shard.file_pairs[0][0].basename)}, "
+                         f"sample {shard_sample} of the shard")
+        return token_item(tokens, self.domain_id, sample_id if self.return_sample_ids else None)
 
 
 def domain_eval_dataset(local: str, domain: str, split: str = "eval", remote: Optional[str] = None,
-                        batch_size: Optional[int] = None, domain_id: int = 0, **streaming_kwargs: Any
-                        ) -> TokenStreamingDataset:
+                        batch_size: Optional[int] = None, domain_id: int = 0, verify: str = "open",
+                        vocab_size: Optional[int] = None, **streaming_kwargs: Any) -> TokenStreamingDataset:
     """Unshuffled ``<local>/<split>/<domain>`` (partitioned over ranks by Streaming).
 
     ``batch_size`` is the per-device eval batch size (Streaming uses it to partition).
+    ``vocab_size`` defaults to the one in ``<local>/stats.json``, if any.
     """
     dom_local = os.path.join(local, split, domain)
     dom_remote = None if remote is None else os.path.join(remote, split, domain)
@@ -36,5 +59,7 @@ def domain_eval_dataset(local: str, domain: str, split: str = "eval", remote: Op
         raise FileNotFoundError(f"domain {domain!r} split {split!r}: no MDS index at "
                                 f"{os.path.join(dom_local, 'index.json')} (run data_prep/tokenize_domains.py)")
     streaming_kwargs.setdefault("shuffle", False)
-    return TokenStreamingDataset(local=dom_local, remote=dom_remote, batch_size=batch_size,
-                                 domain_id=domain_id, **streaming_kwargs)
+    return TokenStreamingDataset(local=dom_local, remote=dom_remote, batch_size=batch_size, domain_id=domain_id,
+                                 name=f"domain {domain!r} split {split!r}", verify=verify,
+                                 vocab_size=vocab_size if vocab_size is not None else data_vocab_size(local),
+                                 **streaming_kwargs)

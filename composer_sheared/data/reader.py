@@ -6,7 +6,8 @@ mosaicml-streaming 0.13 every new instance keeps descriptors to all earlier ones
 open), none of which is used here. ``Stream.get_shards`` gives the same readers Streaming uses
 internally; a missing shard is fetched from ``remote`` (and decompressed) by
 ``Stream.prepare_shard``, exactly as ``StreamingDataset.get_item`` does. Plain picklable
-objects, so DataLoader workers get their own copy.
+objects, so DataLoader workers get their own copy (shards verified before the copy stay
+verified). Shard sizes and hashes are checked against ``index.json`` (see ``integrity.py``).
 """
 from __future__ import annotations
 
@@ -19,14 +20,20 @@ from streaming.base.world import World
 
 from streaming.base.constant import DEFAULT_TIMEOUT
 
+from composer_sheared.data.integrity import ShardChecker
+
 __all__ = ["MDSDirectory"]
 
 
 class MDSDirectory:
-    """Samples of ``local`` (optionally mirrored from ``remote``) by global index."""
+    """Samples of ``local`` (optionally mirrored from ``remote``) by global index.
+
+    ``name`` labels error messages; ``verify`` is the hash-check mode of ``ShardChecker``.
+    """
 
     def __init__(self, local: str, remote: Optional[str] = None, download_retry: int = 2,
-                 download_timeout: float = DEFAULT_TIMEOUT, allow_unsafe_types: bool = False):
+                 download_timeout: float = DEFAULT_TIMEOUT, allow_unsafe_types: bool = False, *,
+                 name: Optional[str] = None, verify: str = "open"):
         if remote is None and not os.path.isfile(os.path.join(local, "index.json")):
             raise FileNotFoundError(f"no MDS index at {os.path.join(local, 'index.json')}")
         self.stream = Stream(remote=remote, local=local)
@@ -37,6 +44,7 @@ class MDSDirectory:
         counts = np.array([s.samples for s in self.shards], dtype=np.int64)
         self._ends = np.cumsum(counts)
         self.num_samples = int(self._ends[-1]) if len(counts) else 0
+        self.checker = ShardChecker(self.shards, name or local, verify, remote=remote is not None)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -44,12 +52,29 @@ class MDSDirectory:
     def __getitem__(self, idx: int) -> dict[str, Any]:
         if not 0 <= idx < self.num_samples:
             raise IndexError(f"sample {idx} out of range for {self.stream.local} ({self.num_samples} samples)")
-        shard_id = int(np.searchsorted(self._ends, idx, side="right"))
-        local_idx = idx - (int(self._ends[shard_id - 1]) if shard_id else 0)
+        shard_id, local_idx = self.locate(idx)
         shard = self.shards[shard_id]
+        if shard_id not in self.checker.verified:
+            if not self.checker.present(shard_id):
+                self.stream.prepare_shard(shard)  # fetch from remote and/or decompress
+            self.checker.check(shard_id, sample=local_idx)
         try:
             return shard[local_idx]
         except FileNotFoundError:
-            # Not downloaded (or only the compressed form is local): fetch/extract, then read.
+            # Removed since it was checked: fetch/extract again, then read.
             self.stream.prepare_shard(shard)
             return shard[local_idx]
+
+    @property
+    def all_hashed(self) -> bool:
+        """Every shard matched its recorded hash in this process: no per-sample check is needed."""
+        return len(self.checker.hashed) == len(self.shards)
+
+    def locate(self, idx: int) -> tuple[int, int]:
+        """(shard id, index inside that shard) of sample ``idx``."""
+        shard_id = int(np.searchsorted(self._ends, idx, side="right"))
+        return shard_id, idx - (int(self._ends[shard_id - 1]) if shard_id else 0)
+
+    def shard_file(self, idx: int) -> str:
+        shard = self.shards[self.locate(idx)[0]]
+        return os.path.join(shard.dirname, shard.split, shard.file_pairs[0][0].basename)
