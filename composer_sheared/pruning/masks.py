@@ -22,6 +22,7 @@ from composer_sheared.pruning.hard_concrete import (
     LOG_ALPHA_MAX,
     LOG_ALPHA_MIN,
     TEMPERATURE,
+    noise_generator,
     prob_nonzero,
     sample_gates,
     topk_gates,
@@ -89,8 +90,24 @@ class ShearingMasks(nn.Module):
         self.current: dict[str, torch.Tensor | None] = {}
         self.last_lagrangian: torch.Tensor | None = None
         self.last_stats: dict[str, torch.Tensor] = {}
+        self.noise_key: tuple[int, ...] | None = None  # see set_noise_key
+        self._draws = 0
 
     # ---- gates -----------------------------------------------------------------------------
+    def set_noise_key(self, *key: int) -> None:
+        """Seed the gate noise of the training forwards that follow from `key`, e.g. (seed, step,
+        rank): the n-th forward after this call draws from a generator seeded by (*key, n), so each
+        microbatch gets its own noise and a resumed run draws exactly what an uninterrupted one did,
+        whatever else used the global RNG. Call it once per optimizer step (ShearingPruning does, at
+        BATCH_START). Without a key the noise comes from the global torch RNG."""
+        self.noise_key, self._draws = tuple(int(k) for k in key), 0
+
+    def _noise(self, device: torch.device) -> torch.Generator | None:
+        if self.noise_key is None:
+            return None
+        self._draws += 1
+        return noise_generator((*self.noise_key, self._draws - 1), device)
+
     def mask_parameters(self) -> list[nn.Parameter]:
         return list(self.log_alpha.values())
 
@@ -122,7 +139,8 @@ class ShearingMasks(nn.Module):
         """Draw this forward pass's gates (train) or the deterministic ones (eval) and derive the
         per-layer multipliers the model hooks read. In training also computes the Lagrangian."""
         if self.training:
-            z = {n: sample_gates(la.float(), self.temperature) for n, la in self.log_alpha.items()}
+            gen = self._noise(next(iter(self.log_alpha.values())).device) if self.log_alpha else None
+            z = {n: sample_gates(la.float(), self.temperature, gen) for n, la in self.log_alpha.items()}
         else:
             z = {n: self._deterministic(n) for n in self.structures}
         self.current = self._multipliers(z)
