@@ -17,10 +17,10 @@ DETERMINISTIC_SCALE = 0.8
 
 
 def sample_gates(log_alpha: torch.Tensor, temperature: float = TEMPERATURE,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
     """One stochastic gate per entry: a stretched, clamped binary-concrete sample in [0, 1].
-    The uniform noise comes from `generator` (on log_alpha's device), or the global RNG when None."""
-    u = torch.rand(log_alpha.shape, generator=generator, dtype=log_alpha.dtype, device=log_alpha.device)
+    `noise`: uniform draws in [0, 1) shaped like log_alpha; from the global RNG when None."""
+    u = torch.rand_like(log_alpha) if noise is None else noise.to(log_alpha.dtype)
     u = u.clamp(EPS, 1 - EPS)
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / temperature)
     return (s * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0.0, 1.0)

@@ -102,11 +102,15 @@ class ShearingMasks(nn.Module):
         BATCH_START). Without a key the noise comes from the global torch RNG."""
         self.noise_key, self._draws = tuple(int(k) for k in key), 0
 
-    def _noise(self, device: torch.device) -> torch.Generator | None:
+    # Outside any compiled graph: the key changes every step and would recompile it.
+    @torch.compiler.disable
+    def _noise(self) -> dict[str, torch.Tensor | None]:
         if self.noise_key is None:
-            return None
+            return dict.fromkeys(self.log_alpha)
         self._draws += 1
-        return noise_generator((*self.noise_key, self._draws - 1), device)
+        la = list(self.log_alpha.values())
+        gen = noise_generator((*self.noise_key, self._draws - 1), la[0].device) if la else None
+        return {n: torch.rand(p.shape, generator=gen, device=p.device) for n, p in self.log_alpha.items()}
 
     def mask_parameters(self) -> list[nn.Parameter]:
         return list(self.log_alpha.values())
@@ -139,8 +143,8 @@ class ShearingMasks(nn.Module):
         """Draw this forward pass's gates (train) or the deterministic ones (eval) and derive the
         per-layer multipliers the model hooks read. In training also computes the Lagrangian."""
         if self.training:
-            gen = self._noise(next(iter(self.log_alpha.values())).device) if self.log_alpha else None
-            z = {n: sample_gates(la.float(), self.temperature, gen) for n, la in self.log_alpha.items()}
+            noise = self._noise()
+            z = {n: sample_gates(la.float(), self.temperature, noise[n]) for n, la in self.log_alpha.items()}
         else:
             z = {n: self._deterministic(n) for n in self.structures}
         self.current = self._multipliers(z)
