@@ -673,6 +673,9 @@ def main(cfg: TrainConfig, extra_loggers=(), extra_callbacks=()) -> dict:
     if cfg.dry_run:
         return {"plan": dry_run(cfg)}
     t0 = time.time()
+    if cfg.autoresume and cfg.checkpoint:  # a kill while a checkpoint was written must not block autoresume
+        from composer_sheared.checkpointing import set_aside_unfinished_checkpoints
+        set_aside_unfinished_checkpoints(cfg.save_folder, cfg.run_name or "")
     trainer, tokenizer = build_trainer(cfg, extra_loggers, extra_callbacks)
     if cfg.eval_first:
         trainer.eval()

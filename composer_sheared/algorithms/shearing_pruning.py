@@ -1,12 +1,15 @@
 """ShearingPruning: the Composer adapter around the pruning core.
 
 INIT          attach masks to the HF model, add their param groups to the optimizer
-BATCH_START   clamp log_alpha, set the target warm-up progress from the batch count
+BATCH_START   clamp log_alpha, set the target warm-up progress from the batch count, and key the
+              gate noise by (seed, batch, rank)
 AFTER_LOSS    add the Lagrangian (computed inside the forward pass) to the loss
 BATCH_END     log expected shape, parameters, multipliers and the Lagrangian term
 
 Everything it needs to resume lives in the model (masks, multipliers), the optimizer (their
-moments) and the timestamp (warm-up progress), all of which Composer checkpoints.
+moments) and the timestamp (warm-up progress, gate noise), all of which Composer checkpoints.
+The gate noise must not come from the global RNG: Composer does not restore that RNG when a
+dataset with its own state_dict (ours) resumes mid-epoch.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.loggers import Logger
+from composer.utils import dist
 from transformers import PreTrainedModel
 
 from composer_sheared.pruning import ShearingMasks, apply_shearing, get_masks
@@ -130,6 +134,7 @@ class ShearingPruning(Algorithm):
             masks = self.masks
             masks.constrain_()
             masks.warmup_progress.fill_(self._progress(state))
+            masks.set_noise_key(state.rank_zero_seed, int(state.timestamp.batch), dist.get_global_rank())
         elif event == Event.AFTER_LOSS:
             lag = self.masks.last_lagrangian
             if lag is None:

@@ -1,6 +1,7 @@
 """Hard-concrete (L0) gates, Louizos et al. 2018, with the constants of METHOD.md."""
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -15,11 +16,21 @@ LOG_ALPHA_MAX = math.log(1e2)
 DETERMINISTIC_SCALE = 0.8
 
 
-def sample_gates(log_alpha: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
-    """One stochastic gate per entry: a stretched, clamped binary-concrete sample in [0, 1]."""
-    u = torch.rand_like(log_alpha).clamp(EPS, 1 - EPS)
+def sample_gates(log_alpha: torch.Tensor, temperature: float = TEMPERATURE,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One stochastic gate per entry: a stretched, clamped binary-concrete sample in [0, 1].
+    `noise`: uniform draws in [0, 1) shaped like log_alpha; from the global RNG when None."""
+    u = torch.rand_like(log_alpha) if noise is None else noise.to(log_alpha.dtype)
+    u = u.clamp(EPS, 1 - EPS)
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / temperature)
     return (s * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0.0, 1.0)
+
+
+def noise_generator(key: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded by a hash of `key` (e.g. seed, step, rank, microbatch): the same key gives
+    the same noise in any process, whatever else used the global RNG before."""
+    digest = hashlib.blake2b(repr(tuple(int(k) for k in key)).encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little"))
 
 
 def prob_nonzero(log_alpha: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:

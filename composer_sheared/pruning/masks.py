@@ -22,6 +22,7 @@ from composer_sheared.pruning.hard_concrete import (
     LOG_ALPHA_MAX,
     LOG_ALPHA_MIN,
     TEMPERATURE,
+    noise_generator,
     prob_nonzero,
     sample_gates,
     topk_gates,
@@ -117,8 +118,28 @@ class ShearingMasks(nn.Module):
         self.current: dict[str, torch.Tensor | None] = {}
         self.last_lagrangian: torch.Tensor | None = None
         self.last_stats: dict[str, torch.Tensor] = {}
+        self.noise_key: tuple[int, ...] | None = None  # see set_noise_key
+        self._draws = 0
 
     # ---- gates -----------------------------------------------------------------------------
+    def set_noise_key(self, *key: int) -> None:
+        """Seed the gate noise of the training forwards that follow from `key`, e.g. (seed, step,
+        rank): the n-th forward after this call draws from a generator seeded by (*key, n), so each
+        microbatch gets its own noise and a resumed run draws exactly what an uninterrupted one did,
+        whatever else used the global RNG. Call it once per optimizer step (ShearingPruning does, at
+        BATCH_START). Without a key the noise comes from the global torch RNG."""
+        self.noise_key, self._draws = tuple(int(k) for k in key), 0
+
+    # Outside any compiled graph: the key changes every step and would recompile it.
+    @torch.compiler.disable
+    def _noise(self) -> dict[str, torch.Tensor | None]:
+        if self.noise_key is None:
+            return dict.fromkeys(self.log_alpha)
+        self._draws += 1
+        la = list(self.log_alpha.values())
+        gen = noise_generator((*self.noise_key, self._draws - 1), la[0].device) if la else None
+        return {n: torch.rand(p.shape, generator=gen, device=p.device) for n, p in self.log_alpha.items()}
+
     def mask_parameters(self) -> list[nn.Parameter]:
         return list(self.log_alpha.values())
 
@@ -186,7 +207,8 @@ class ShearingMasks(nn.Module):
         per-layer multipliers the model hooks read. In training also computes the Lagrangian."""
         if self.training:
             eff = self.effective_log_alpha()
-            z = {n: sample_gates(la.float(), self.temperature) for n, la in eff.items()}
+            noise = self._noise()
+            z = {n: sample_gates(la.float(), self.temperature, noise[n]) for n, la in eff.items()}
         else:
             z = {n: self._deterministic(n) for n in self.structures}
         self.current = self._multipliers(z)
