@@ -45,6 +45,29 @@ def test_layouts_and_hooks_removed(case):
     assert list(only) == ["hidden"] and torch.allclose(only["hidden"], scores["hidden"])
 
 
+def test_head_and_channel_scores_are_the_documented_statistics():
+    """q_head = mean over tokens of ||W_o[:, h] x_h||; intermediate = mean |x_j| * ||W_down[:, j]||."""
+    model = _model("llama_gqa")
+    src = ModelShape.from_hf_config(model.config)
+    H, hd = src.num_attention_heads, src.head_dim
+    seen = {}
+    layer = model.model.layers[1]
+    h1 = layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("o", a[0]))
+    h2 = layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("down", a[0]))
+    ids = _batches(1)[0]
+    with torch.no_grad():
+        model(ids)
+    h1.remove(), h2.remove()
+    w = layer.self_attn.o_proj.weight
+    expected = torch.stack([(seen["o"][..., h * hd:(h + 1) * hd] @ w[:, h * hd:(h + 1) * hd].T).norm(dim=-1).mean()
+                            for h in range(H)]).reshape(src.num_key_value_heads, src.group_size)
+    scores = compute_importance(model, [ids])
+    assert torch.allclose(scores["q_head"][1], expected, rtol=1e-4)
+    assert torch.allclose(scores["kv_group"][1], expected.sum(-1), rtol=1e-4)
+    inter = seen["down"].abs().mean((0, 1)) * layer.mlp.down_proj.weight.norm(dim=0)
+    assert torch.allclose(scores["intermediate"][1], inter, rtol=1e-4)
+
+
 @pytest.mark.parametrize("case", sorted(FAMILIES))
 def test_planted_heads_rank_first(case):
     model = _model(case)

@@ -138,14 +138,15 @@ def compute_importance(
     handles = []
 
     def o_proj_hook(i):
-        w = base.layers[i].self_attn.o_proj.weight  # [d, H*hd]
+        w = base.layers[i].self_attn.o_proj.weight.float().reshape(-1, H, hd)  # [d, H, hd]
+        # The norm of each head's own contribution to the attention output, ||W_o[:, h] x_h||, via
+        # the per-head Gram matrix: hd^2 instead of d*hd work and memory per token and head.
+        gram = torch.einsum("dhk,dhl->hkl", w, w)  # [H, hd, hd]
 
         def hook(module, args):
-            x = args[0]  # [B, T, H*hd]: the context vectors of all heads
-            xh = x.reshape(*x.shape[:-1], H, hd)
-            # The norm of each head's own contribution to the attention output, W_o[:, h] x_h.
-            contrib = torch.einsum("bthk,dhk->bthd", xh.float(), w.float().reshape(-1, H, hd))
-            stats.add(("head", i), contrib.norm(dim=-1))
+            xh = args[0].float().reshape(*args[0].shape[:-1], H, hd)  # the context vector of every head
+            sq = torch.einsum("bthk,hkl,bthl->bth", xh, gram.to(xh.device), xh)
+            stats.add(("head", i), sq.clamp_min(0).sqrt())
         return hook
 
     def down_proj_hook(i):
