@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from composer_sheared.pruning.apply import check_supported
 from composer_sheared.shapes import ModelShape
 
 __all__ = ["STRUCTURES", "LAYER_METRICS", "compute_importance", "random_scores", "magnitude_scores",
@@ -38,8 +39,6 @@ def structure_shapes(source: ModelShape) -> dict[str, tuple]:
 def _shape_of(shape_source: Any) -> ModelShape:
     if isinstance(shape_source, ModelShape):
         return shape_source
-    from composer_sheared.pruning.apply import check_supported
-
     return check_supported(shape_source)
 
 
@@ -120,8 +119,6 @@ def compute_importance(
     `skip_batches` batches; one extra pass per layer). `kv_reduce`: ``sum`` or ``max`` of a KV
     group's query-head scores. The model is put in eval mode and restored afterwards.
     """
-    from composer_sheared.pruning.apply import check_supported
-
     source = check_supported(model)
     wanted = _wanted(structures)
     if layer_metric not in LAYER_METRICS:
@@ -267,8 +264,6 @@ def magnitude_scores(model: nn.Module, structures: Optional[Iterable[str]] = Non
     slices that read it and write it (heads: W_q rows x W_o columns; FFN channels: gate and up rows
     x down column; hidden channels: embedding column x the sum of the |RMSNorm weights|; layers: the
     Frobenius norms of o_proj and down_proj, the two writes to the stream)."""
-    from composer_sheared.pruning.apply import check_supported
-
     source = check_supported(model)
     wanted = _wanted(structures)
     L, G, g, hd, H = (source.num_layers, source.num_key_value_heads, source.group_size, source.head_dim,
