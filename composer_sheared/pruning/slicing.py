@@ -1,5 +1,9 @@
 """Fold the final (top-k) gate values into the weights they multiply and slice a plain HF model
-of exactly the target config out of the masked source."""
+of exactly the target config out of the masked source.
+
+`gates` (optional everywhere) replaces the masks' own deterministic gates with explicit binary
+ones, {structure: 0/1 tensor in the mask layout, exactly the target count of ones per row}; that is
+how one-shot pruning (pruning/oneshot.py) slices a plain model with the same code."""
 from __future__ import annotations
 
 import torch
@@ -7,8 +11,9 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_utils import no_init_weights
 
-from composer_sheared.pruning.apply import get_masks
+from composer_sheared.pruning.apply import check_supported, get_masks
 from composer_sheared.pruning.masks import ShearingMasks
+from composer_sheared.shapes import resolve_target
 
 
 def _kept(gates: torch.Tensor) -> torch.Tensor:
@@ -20,13 +25,37 @@ def _rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
 
 
+def check_gates(masks: ShearingMasks, gates: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Explicit gates as float tensors, or ValueError naming the structure that does not fit."""
+    if set(gates) != set(masks.structures):
+        raise ValueError(f"gates for {sorted(gates)}, but the target {masks.target.as_dict()} prunes exactly "
+                         f"{sorted(masks.structures)}")
+    out = {}
+    for name, st in masks.structures.items():
+        z = torch.as_tensor(gates[name]).float()
+        if tuple(z.shape) != tuple(st.shape):
+            raise ValueError(f"gates[{name!r}] has shape {tuple(z.shape)}, expected {tuple(st.shape)}")
+        if not bool(((z == 0) | (z == 1)).all()):
+            raise ValueError(f"gates[{name!r}] must be binary (0 or 1)")
+        counts = z.sum(-1)
+        if not bool((counts == st.target).all()):
+            raise ValueError(f"gates[{name!r}] keeps {sorted(set(counts.int().flatten().tolist()))} units per row, "
+                             f"the target keeps {st.target}")
+        out[name] = z
+    return out
+
+
 @torch.no_grad()
-def sliced_state_dict(model: nn.Module, masks: ShearingMasks) -> tuple[dict[str, torch.Tensor], list[int]]:
+def sliced_state_dict(model: nn.Module, masks: ShearingMasks, gates: dict[str, torch.Tensor] | None = None
+                      ) -> tuple[dict[str, torch.Tensor], list[int]]:
     src = masks.source
     L, G, g, hd, d, m = (src.num_layers, src.num_key_value_heads, src.group_size, src.head_dim,
                          src.hidden_size, src.intermediate_size)
-    z = masks.deterministic_gates("target")
     dev = next(model.parameters()).device
+    if gates is None:
+        z = masks.deterministic_gates("target")
+    else:
+        z = {n: t.to(dev) for n, t in check_gates(masks, gates).items()}
     ones = lambda *s: torch.ones(s, device=dev)  # noqa: E731
     layer_z = z.get("layer", ones(L))
     kv_z = z.get("kv_group", ones(L, G))
@@ -70,10 +99,12 @@ def sliced_state_dict(model: nn.Module, masks: ShearingMasks) -> tuple[dict[str,
 
 
 @torch.no_grad()
-def prune_to_target(model: PreTrainedModel, masks: ShearingMasks | None = None) -> PreTrainedModel:
-    """A new HF model of exactly `masks.target`, equal in function to the eval-mode masked source."""
+def prune_to_target(model: PreTrainedModel, masks: ShearingMasks | None = None,
+                    gates: dict[str, torch.Tensor] | None = None) -> PreTrainedModel:
+    """A new HF model of exactly `masks.target`, equal in function to the eval-mode masked source
+    (or, with explicit binary `gates`, to the source with those units removed)."""
     masks = get_masks(model) if masks is None else masks
-    sd, kept_layers = sliced_state_dict(model, masks)
+    sd, kept_layers = sliced_state_dict(model, masks, gates)
     cfg = masks.target.to_hf_config(model.config)
     if getattr(model.config, "layer_types", None) is not None:
         cfg.layer_types = [model.config.layer_types[i] for i in kept_layers]
@@ -90,3 +121,10 @@ def prune_to_target(model: PreTrainedModel, masks: ShearingMasks | None = None) 
         pruned.tie_weights()
     pruned.generation_config = model.generation_config
     return pruned.to(next(model.parameters()).device).eval()
+
+
+def prune_with_gates(model: PreTrainedModel, target, gates: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """Slice a plain (unmasked) HF model to `target` (a ModelShape, a partial mapping or a shape
+    name), keeping exactly the units whose binary gate is 1."""
+    source = check_supported(model)
+    return prune_to_target(model, ShearingMasks(source, resolve_target(source, target)), gates=gates)
