@@ -11,6 +11,8 @@ _LAZY = {
     "apply_shearing": "composer_sheared.pruning",
     "prune_to_target": "composer_sheared.pruning",
     "ShearingMasks": "composer_sheared.pruning",
+    "oneshot_prune": "composer_sheared.pruning",
+    "compute_importance": "composer_sheared.pruning",
     "ShearingPruning": "composer_sheared.algorithms",
     "Distillation": "composer_sheared.algorithms",
     "DynamicBatchLoading": "composer_sheared.callbacks",

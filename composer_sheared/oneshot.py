@@ -14,11 +14,10 @@ a temporary directory and renamed when complete.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -67,27 +66,6 @@ def resolve_domains(data: str | Path, domains: Sequence[str] | None, split: str 
     return list(domains)
 
 
-def calibration_batches(data: str | Path, domains: Sequence[str], num_batches: int, batch_size: int,
-                        split: str = "train") -> Iterator[torch.Tensor]:
-    """`num_batches` token-id batches taken round-robin over the domains (each read in order)."""
-    from torch.utils.data import DataLoader
-
-    from composer_sheared.data.eval import domain_eval_dataset
-
-    loaders = [iter(DataLoader(domain_eval_dataset(str(data), dom, split=split, batch_size=batch_size),
-                               batch_size=batch_size)) for dom in domains]
-    done = 0
-    for it in itertools.cycle(loaders):
-        if done >= num_batches or not loaders:
-            return
-        batch = next(it, None)
-        if batch is None:  # this domain is exhausted; the others go on
-            loaders.remove(it)
-            continue
-        done += 1
-        yield batch["input_ids"]
-
-
 def run(source_dir: str | Path, out_dir: str | Path, target: Any, method: str, data: str | None = None,
         domains: Sequence[str] | None = None, calib_batches: int = 16, batch_size: int = 8, split: str = "train",
         seed: int = 0, layer_metric: str = "block_influence", overwrite: bool = False) -> Path:
@@ -111,7 +89,9 @@ def run(source_dir: str | Path, out_dir: str | Path, target: Any, method: str, d
         _fail(str(e))
     batches, kwargs = None, {}
     if method == "importance":
-        batches = calibration_batches(data, domains, calib_batches, batch_size, split)
+        from composer_sheared.data.calibration import calibration_batches
+
+        batches = calibration_batches(str(data), domains, calib_batches, batch_size, split)
         kwargs = {"layer_metric": layer_metric, "progress": True}
     scores = method_scores(model, method, batches, seed=seed, **kwargs)
     pruned = oneshot_prune(model, shape, scores)
