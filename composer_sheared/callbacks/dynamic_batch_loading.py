@@ -45,7 +45,7 @@ def _unwrap_dataset(dataloader: Any) -> Any:
 
 
 class DynamicBatchLoading(Callback):
-    """Dynamic batch loading (Sheared-LLaMA, METHOD.md) as a Composer callback.
+    """Dynamic batch loading (Sheared-LLaMA, Xia et al. 2023) as a Composer callback.
 
     Args:
         domains: domain names, in the train dataset's order.
