@@ -185,6 +185,12 @@ def _container_clash(schema, new, prefix: str = "") -> Optional[tuple[str, str]]
     return None
 
 
+def _node(cfg, key: str):
+    for k in key.split("."):
+        cfg = cfg._get_node(k)
+    return cfg
+
+
 def _merge(base, part, where: str):
     try:
         return OmegaConf.merge(base, part)
@@ -193,6 +199,10 @@ def _merge(base, part, where: str):
         raise ConfigError(str(key), str(err).splitlines()[0]) from None
     except TypeError as err:  # omegaconf: "Cannot merge incompatible container types"
         clash = _container_clash(base, part)
+        if clash and _node(base, clash[0])._metadata.ref_type is Any:
+            # a field typed Any (e.g. reference_losses: list or dict) takes the new container as is
+            OmegaConf.update(base, clash[0], None, merge=False)
+            return _merge(base, part, where)
         raise ConfigError(*(clash or (where, str(err)))) from None
 
 
