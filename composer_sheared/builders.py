@@ -24,7 +24,7 @@ class NonFiniteModelError(RuntimeError):
 
 
 def check_finite(model: torch.nn.Module) -> None:
-    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = [n for n, t in model.named_parameters() if not torch.isfinite(t).all()]
     if bad:
         raise NonFiniteModelError(f"{len(bad)} tensors hold NaN/inf values (e.g. {bad[:3]}); not saving the model")
 

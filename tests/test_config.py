@@ -94,3 +94,26 @@ def test_dynamic_batch_loading_rejects_non_finite_references():
         with pytest.raises(ValueError, match="reference loss of domain '(a|b)' must be a finite number"):
             DynamicBatchLoading(["a", "b"], bad)
     assert DynamicBatchLoading(["a", "b"], [1.0, 2.0]).references == [1.0, 2.0]
+
+
+def test_no_hf_directory_from_a_non_finite_model(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+    from composer.models import HuggingFaceModel
+
+    from composer_sheared.builders import NonFiniteModelError, save_hf_result
+    from tests.conftest import tiny_model
+
+    cfg, _ = load_config(None, ["model.config={hidden_size: 32}", "data.local=x", "data.domains=[a]",
+                                "data.proportions=[1.0]"], check_paths=False)
+    hf = tiny_model()
+    with torch.no_grad():
+        hf.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    state = SimpleNamespace(model=HuggingFaceModel(hf), fsdp_enabled=False)
+    with pytest.raises(NonFiniteModelError, match="up_proj"):
+        save_hf_result(state, cfg, None, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() and list(tmp_path.iterdir()) == []
+    with torch.no_grad():
+        hf.model.layers[1].mlp.up_proj.weight[0, 0] = 0.0
+    assert save_hf_result(state, cfg, None, tmp_path / "hf") == tmp_path / "hf"
