@@ -449,7 +449,7 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> Resolved:
     if not cfg.dry_run:
         _check_save_folder(errors, cfg)
     resolved = Resolved()
-    if not any(k.startswith("model") for k, _ in errors):
+    if not any(k in ("model", "model.source") for k, _ in errors):  # the source's config is readable
         resolved = _resolve_shapes(errors, cfg)
     if check_paths and not cfg.dry_run and not any(k.startswith("data") for k, _ in errors):
         try:
