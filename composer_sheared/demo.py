@@ -14,11 +14,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,14 +32,6 @@ PROMPTS = [
     "The capital of France is",
     "  * Fixed a crash when",
 ]
-
-
-def _train_module():
-    spec = importlib.util.spec_from_file_location("sheared_train", REPO / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["sheared_train"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _step(msg: str) -> None:
@@ -176,34 +168,38 @@ def main(argv=None) -> int:
     print("[demo] source losses:", {d: round(v, 3) for d, v in losses["source"].items()}, flush=True)
     timings["source eval"] = time.time() - t
 
-    train = _train_module()
     common = [f"data.local={mds}", f"max_seq_len={args.seq_len}",
               f"device_eval_batch_size={args.batch_size}", f"eval_interval={args.eval_interval}ba",
               f"data.eval_subset_num_batches={args.eval_batches}",
               f"dynamic_loading.reference_losses=[{','.join(f'{r:.6f}' for r in refs)}]"]
 
     def train_stage(yaml: str, source: Path, out_dir: Path, steps: int, batch: int):
-        """Run one train.py stage; returns (its HF output dir, its config)."""
+        """Validate the stage's config, run train.py on it; returns (its HF output dir, Resolved)."""
+        from composer_sheared.config import hf_output_dir, load_config
+
         if out_dir.exists():
             shutil.rmtree(out_dir)
-        cfg = train.load_config(str(REPO / yaml), common + [
-            f"model.source={source}", f"max_duration={steps}ba", f"save_folder={out_dir}",
-            f"global_train_batch_size={batch}"])
-        return Path(train.main(cfg)["hf_dir"]), cfg
+        overrides = common + [f"model.source={source}", f"max_duration={steps}ba", f"save_folder={out_dir}",
+                              f"global_train_batch_size={batch}"]
+        cfg, resolved = load_config(str(REPO / yaml), overrides)
+        r = subprocess.run([sys.executable, str(REPO / "train.py"), str(REPO / yaml), *overrides], cwd=REPO)
+        if r.returncode != 0:
+            raise SystemExit(f"[demo] train.py {yaml} failed (exit code {r.returncode})")
+        return hf_output_dir(cfg), (cfg, resolved)
 
-    _step(f"4/6 pruning {args.prune_steps} steps with dynamic batch loading, then slicing")
-    t = time.time()
-    prune_dir = out / "prune"
-    pruned_dir, prune_cfg = train_stage("yamls/demo/prune_smollm2.yaml", src_dir, prune_dir, args.prune_steps,
-                             args.prune_batch_size)
-    timings["pruning"] = time.time() - t
-
-    _step(f"5/6 continued pretraining {args.continue_steps} steps with dynamic batch loading")
-    t = time.time()
-    cont_dir = out / "continue"
-    final_dir, _ = train_stage("yamls/demo/continue_smollm2.yaml", pruned_dir, cont_dir, args.continue_steps,
-                            args.batch_size)
-    timings["continued pretraining"] = time.time() - t
+    stages = (("pruning", f"4/6 pruning {args.prune_steps} steps with dynamic batch loading, then slicing",
+               "yamls/demo/prune_smollm2.yaml", "prune", args.prune_steps, args.prune_batch_size),
+              ("continued pretraining", f"5/6 continued pretraining {args.continue_steps} steps with dynamic "
+               "batch loading", "yamls/demo/continue_smollm2.yaml", "continue", args.continue_steps, args.batch_size))
+    hf_dirs, configs, source = [], [], src_dir
+    for name, title, yaml, folder, steps, batch in stages:
+        _step(title)
+        t = time.time()
+        source, stage_cfg = train_stage(yaml, source, out / folder, steps, batch)
+        hf_dirs.append(source)
+        configs.append(stage_cfg)
+        timings[name] = time.time() - t
+    pruned_dir, final_dir = hf_dirs
 
     _step("6/6 evaluation, generations, report")
     t = time.time()
@@ -217,23 +213,23 @@ def main(argv=None) -> int:
     tok_same = all(tok_src(p)["input_ids"] == tok_final(p)["input_ids"] for p in PROMPTS)
     timings["eval + generations"] = time.time() - t
 
-    write_report(out, args, src_dir, pruned_dir, final_dir, prune_cfg, losses, gens, tok_same, data_stats, timings,
+    write_report(out, args, src_dir, pruned_dir, final_dir, configs[0], losses, gens, tok_same, data_stats, timings,
                  time.time() - t_start)
     print(f"\n[demo] done in {time.time() - t_start:.0f}s: {out / 'report.md'}", flush=True)
     return 0
 
 
-def write_report(out, args, src_dir, pruned_dir, final_dir, prune_cfg, losses, gens, tok_same, data_stats,
+def write_report(out, args, src_dir, pruned_dir, final_dir, prune_stage, losses, gens, tok_same, data_stats,
                  timings, total_s) -> Path:
     from composer_sheared import report as R
-    from composer_sheared.shapes import ModelShape, resolve_target
+    from composer_sheared.shapes import ModelShape
 
     rec_p = R.read_jsonl(out / "prune" / "metrics.jsonl")
     rec_c = R.read_jsonl(out / "continue" / "metrics.jsonl")
     from transformers import AutoConfig
 
-    src_shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(src_dir))
-    tgt_shape = resolve_target(src_shape, dict(prune_cfg.pruning.target))
+    prune_cfg, resolved = prune_stage  # the pruning stage's (TrainConfig, Resolved)
+    src_shape, tgt_shape = resolved.source, resolved.target
     pruned_shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(pruned_dir))
     n_src, n_pruned, n_final = _count_params(src_dir), _count_params(pruned_dir), _count_params(final_dir)
 
@@ -303,8 +299,8 @@ def write_report(out, args, src_dir, pruned_dir, final_dir, prune_cfg, losses, g
     L.append("\nWall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ".\n")
     L.append("## Per-domain eval loss\n")
     L.append(f"Token-mean cross-entropy on {args.eval_batches * args.batch_size} held-out samples per domain. "
-             "The source's losses are the reference losses of dynamic batch loading (METHOD.md fallback "
-             "when no scaling-law fit exists).\n")
+             "The source's losses are the reference losses of dynamic batch loading (the fallback when no "
+             "scaling-law prediction of the pruned model's losses exists for the source's family).\n")
     L.append("| model | " + " | ".join(DOMAINS) + " | mean |")
     L.append("| --- | " + " | ".join("---" for _ in DOMAINS) + " | --- |")
     for name, l in losses.items():

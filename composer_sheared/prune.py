@@ -13,6 +13,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -22,14 +23,19 @@ from composer_sheared.atomic import atomic_directory
 from composer_sheared.pruning import apply_shearing, prune_to_target
 from composer_sheared.shapes import ModelShape
 
+__all__ = ["MASK_STATE_KEY", "load_checkpoint_state", "masked_model_from_checkpoint", "finalize"]
+
 MASK_STATE_KEY = "shearing_masks._extra_state"
 
 
-def _fail(msg: str) -> "NoReturn":  # noqa: F821
+def _fail(msg: str) -> NoReturn:
     raise SystemExit(f"error: {msg}")
 
 
-def _model_state(checkpoint: Path) -> tuple[dict, dict]:
+def load_checkpoint_state(checkpoint: str | Path) -> tuple[dict, dict]:
+    """(HF model state dict with the masks, Composer's HuggingFace metadata) of a pruning checkpoint;
+    SystemExit("error: ...") when the file is missing, unreadable or holds no masks."""
+    checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
         _fail(f"{checkpoint} is a directory; expected a full (monolithic) Composer checkpoint file "
               "(save with fsdp_config.state_dict_type=full)")
@@ -50,18 +56,46 @@ def _model_state(checkpoint: Path) -> tuple[dict, dict]:
     return model_sd, hf_state
 
 
-def finalize(checkpoint: str | Path, out_dir: str | Path, source: str | None = None, tokenizer: str | None = None) -> Path:
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    if out_dir.exists():
-        _fail(f"output directory {out_dir} already exists")
-    model_sd, hf_state = _model_state(checkpoint)
+def masked_model_from_checkpoint(checkpoint: str | Path, source: str | None = None):
+    """(the masked source model with the checkpoint's weights and masks, Composer's HF metadata).
+
+    The config comes from `source` (a HF directory) or from the checkpoint's metadata."""
+    model_sd, hf_state = load_checkpoint_state(checkpoint)
+    extra = model_sd[MASK_STATE_KEY]
     if source is not None:
+        if not (Path(source) / "config.json").is_file():
+            _fail(f"--source {source} is not a HF model directory (no config.json)")
         config = AutoConfig.from_pretrained(source)
+        try:
+            given = ModelShape.from_hf_config(config)
+        except ValueError as err:
+            _fail(f"--source {source}: {err}")
+        trained = ModelShape(**extra["source"])
+        if given != trained:
+            diff = ", ".join(f"{k} {getattr(given, k)} vs {getattr(trained, k)}" for k in trained.as_dict()
+                             if getattr(given, k) != getattr(trained, k))
+            _fail(f"--source {source} is not the model this checkpoint was pruned from ({diff}; --source vs "
+                  f"checkpoint); pass the source the run started from, or leave --source out")
     elif "model" in hf_state:
         content = dict(hf_state["model"]["config"]["content"])
         config = AutoConfig.for_model(content.pop("model_type"), **content)
     else:
         _fail(f"{checkpoint} carries no HF config; pass --source HF_DIR")
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    apply_shearing(model, ModelShape(**extra["target"]), temperature=extra.get("temperature", 2 / 3))
+    missing, unexpected = model.load_state_dict(model_sd, strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        _fail(f"checkpoint does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model, hf_state
+
+
+def finalize(checkpoint: str | Path, out_dir: str | Path, source: str | None = None, tokenizer: str | None = None) -> Path:
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if out_dir.exists():
+        _fail(f"output directory {out_dir} already exists")
+    model, hf_state = masked_model_from_checkpoint(checkpoint, source)
     tok = None
     if tokenizer is not None:
         tok = AutoTokenizer.from_pretrained(tokenizer)
@@ -72,14 +106,6 @@ def finalize(checkpoint: str | Path, out_dir: str | Path, source: str | None = N
         with tempfile.TemporaryDirectory() as tok_dir:
             tok = HuggingFaceModel.load_huggingface_tokenizer_from_saved_state(hf_state, tokenizer_save_dir=tok_dir)
 
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    extra = model_sd[MASK_STATE_KEY]
-    apply_shearing(model, ModelShape(**extra["target"]), temperature=extra.get("temperature", 2 / 3))
-    missing, unexpected = model.load_state_dict(model_sd, strict=False)
-    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        _fail(f"checkpoint does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     pruned = prune_to_target(model.eval())
 
     with atomic_directory(out_dir, overwrite=False) as tmp:

@@ -1,8 +1,6 @@
-"""Metrics logging (JSONL) and the demo report: PNG plots + report.md.
+"""The demo report's inputs and plots: metrics JSONL files (see composer_sheared.loggers) -> PNGs.
 
-`JSONLLogger` is a Composer LoggerDestination that appends every logged metric to a JSONL file
-(rank 0 only), so reports are built from logged metrics, not from scraped stdout. The plotting
-functions read those files; matplotlib is imported lazily (Agg backend).
+matplotlib is imported lazily (Agg backend).
 """
 from __future__ import annotations
 
@@ -10,13 +8,29 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
-from composer.loggers import LoggerDestination
+__all__ = ["read_jsonl", "series", "plot_domain_weights", "plot_expected_params", "plot_domain_losses",
+           "plot_train_loss"]
 
-__all__ = ["JSONLLogger", "read_jsonl", "series", "plot_domain_weights", "plot_expected_params",
-           "plot_domain_losses", "plot_train_loss"]
 
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of the file's latest run: from its last fresh-run header (start_batch 0) to the end,
+    resumed segments included, so two runs are never read (or plotted) as one."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    records = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    starts = [i for i, r in enumerate(records) if r.get("run", {}).get("start_batch", 1) == 0]
+    return records[starts[-1]:] if starts else records
+
+
+def _style(ax, title: str, xlabel: str, ylabel: str, grid_axis: str = "both") -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, axis=grid_axis)
+    ax.legend(fontsize=8)
 
 
 def _save(fig, out) -> None:
@@ -25,70 +39,6 @@ def _save(fig, out) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
-
-def _plain(v: Any) -> Any:
-    try:
-        import torch
-
-        if isinstance(v, torch.Tensor):
-            v = v.detach().float().cpu()
-            return v.item() if v.numel() == 1 else v.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(v, (int, float, str, bool)) or v is None:
-        return v
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return str(v)
-
-
-class JSONLLogger(LoggerDestination):
-    """Append `{"step": batch, "metrics": {...}}` lines (and one `{"hparams": ...}` line)."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self._fh = None
-
-    def _write(self, record: dict) -> None:
-        from composer.utils import dist
-
-        if dist.get_global_rank() != 0:
-            return
-        if self._fh is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.path, "a", encoding="utf-8")
-        self._fh.write(json.dumps(record) + "\n")
-        self._fh.flush()
-
-    def log_hyperparameters(self, hyperparameters: dict[str, Any]) -> None:
-        self._write({"hparams": _plain(hyperparameters)})
-
-    def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
-        self._write({"step": step, "metrics": _plain(metrics)})
-
-    def close(self, state, logger) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    p = Path(path)
-    if not p.exists():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-
-
-def hparams(records: Iterable[dict]) -> dict:
-    out: dict = {}
-    for r in records:
-        out.update(r.get("hparams", {}))
-    return out
 
 
 def series(records: Iterable[dict], key: str) -> tuple[list[int], list[float]]:
@@ -100,15 +50,6 @@ def series(records: Iterable[dict], key: str) -> tuple[list[int], list[float]]:
             by_step[int(r["step"])] = float(m[key])
     steps = sorted(by_step)
     return steps, [by_step[s] for s in steps]
-
-
-def metric_keys(records: Iterable[dict], prefix: str) -> list[str]:
-    keys: list[str] = []
-    for r in records:
-        for k in r.get("metrics", {}):
-            if k.startswith(prefix) and k not in keys:
-                keys.append(k)
-    return keys
 
 
 def _plt():
@@ -132,11 +73,7 @@ def plot_domain_weights(stages: Sequence[tuple[str, list[dict]]], domains: Seque
             if s:
                 ax.plot(s, v, marker=".", label=d)
                 drawn = True
-        ax.set_title(f"domain weights: {title}")
-        ax.set_xlabel("step")
-        ax.set_ylabel("weight")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _style(ax, f"domain weights: {title}", "step", "weight")
     _save(fig, out)
     return Path(out) if drawn else None
 
@@ -147,22 +84,17 @@ def plot_expected_params(records: list[dict], out: str | os.PathLike, source_par
     plt = _plt()
     s_exp, v_exp = series(records, "shearing/expected_params")
     s_tgt, v_tgt = series(records, "shearing/target_params")
-    s_cur, v_cur = schedule if schedule else series(records, "shearing/current_target_params")
     if not s_exp:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.8))
     ax.plot(s_exp, [v / 1e6 for v in v_exp], label="expected params (masks)")
-    if s_cur:
-        ax.plot(s_cur, [v / 1e6 for v in v_cur], "--", label="target during warm-up")
+    if schedule:  # the target as it moves from the source's shape during the Lagrangian warm-up
+        ax.plot(schedule[0], [v / 1e6 for v in schedule[1]], "--", label="target during warm-up")
     if s_tgt:
         ax.plot(s_tgt, [v / 1e6 for v in v_tgt], ":", label="final target")
     if source_params:
         ax.axhline(source_params / 1e6, color="grey", lw=0.8, label="source")
-    ax.set_xlabel("step")
-    ax.set_ylabel("parameters (M)")
-    ax.set_title("pruning: expected vs target parameters")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _style(ax, "pruning: expected vs target parameters", "step", "parameters (M)")
     _save(fig, out)
     return Path(out)
 
@@ -185,10 +117,7 @@ def plot_domain_losses(losses: dict[str, dict[str, float]], out: str | os.PathLi
                           label="reference" if j == 0 else None)
     ax.set_xticks(range(len(domains)))
     ax.set_xticklabels(domains)
-    ax.set_ylabel("eval loss (nats/token)")
-    ax.set_title("per-domain eval loss")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+    _style(ax, "per-domain eval loss", "", "eval loss (nats/token)", grid_axis="y")
     _save(fig, out)
     return Path(out)
 
@@ -204,9 +133,6 @@ def plot_train_loss(stages: Sequence[tuple[str, list[dict]]], out: str | os.Path
             ax.plot([x + offset for x in s], v, label=title)
             offset += s[-1]
             drawn = True
-    ax.set_xlabel("step (stages concatenated)")
-    ax.set_ylabel("train loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _style(ax, "training loss", "step (stages concatenated)", "train loss")
     _save(fig, out)
     return Path(out) if drawn else None

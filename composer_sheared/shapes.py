@@ -1,6 +1,6 @@
 """Model shapes: the architecture a pruning run starts from and the one it must end at.
 
-A target is an architecture, not a ratio (METHOD.md, "Target shape"): every kept layer keeps the
+A target is an architecture, not a ratio (it names the pruned model's config): every kept layer keeps the
 same number of heads, KV heads and intermediate dims, so the pruned model is a standard uniform
 HF config. Pure Python: no torch, no Composer.
 """

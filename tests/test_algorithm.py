@@ -13,8 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from composer_sheared import ModelShape, prune_to_target
 from composer_sheared.algorithms import find_hf_model
-from tests.composer_helpers import TARGET, make_trainer
-from tests.tiny import tiny_tokenizer
+from tests.conftest import TARGET, make_trainer, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,11 +49,10 @@ def test_default_hyperparameters_converge_in_a_plain_loop():
     from composer.optim import DecoupledAdamW
 
     from composer_sheared import apply_shearing
-    from tests.composer_helpers import GQA, TokenDataset
-    from tests.tiny import tiny_model
+    from tests.conftest import TokenDataset, tiny_model
 
     torch.manual_seed(0)
-    hf = tiny_model(seed=3, **GQA)
+    hf = tiny_model(seed=3)
     opt = DecoupledAdamW(hf.parameters(), lr=1e-3, weight_decay=0.0)
     masks = apply_shearing(hf, TARGET, opt)
     data = TokenDataset()
@@ -154,7 +152,7 @@ def test_two_ranks_keep_identical_masks(tmp_path):
 def test_find_hf_model_unwraps_wrappers():
     from composer.models import HuggingFaceModel
 
-    from tests.tiny import tiny_model
+    from tests.conftest import tiny_model
 
     hf = tiny_model()
 

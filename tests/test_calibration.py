@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from composer_sheared.data.calibration import calibration_batches
-from tests._tiny import DOMAINS, make_data
+from tests.conftest import DOMAINS, make_data
 
 
 def test_calibration_batches_round_robin_and_fixed(tmp_path):

@@ -13,8 +13,8 @@ from composer.loggers import InMemoryLogger
 from composer_sheared.algorithms import Distillation, ShearingPruning, find_hf_model
 from composer_sheared.distill import apply_distillation, frozen_copy, kd_loss, kd_token_mask, load_teacher
 from composer_sheared.pruning import apply_shearing
-from tests.composer_helpers import GQA, TARGET, TokenDataset
-from tests.tiny import randomize_masks, tiny_model
+from tests.conftest import TARGET, TokenDataset
+from tests.conftest import randomize_masks, tiny_model
 
 
 def test_kd_matches_a_hand_computation_with_temperature():
@@ -101,7 +101,7 @@ def test_alpha_mixes_ce_and_kd_and_keeps_other_terms():
 
 
 def test_frozen_copy_strips_masks_and_leaves_the_student_masked():
-    student = tiny_model(seed=3, **GQA)
+    student = tiny_model(seed=3)
     dense = frozen_copy(student)
     masks = apply_shearing(student, TARGET)
     randomize_masks(masks)
@@ -131,13 +131,13 @@ def test_load_teacher_from_a_directory(tmp_path):
 
 def make_trainer(max_duration="4ba", warmup="2ba", extra_algorithms=(), extra_first=False, prune=True, seed=7,
                  **trainer_kw):
-    """The tiny pruning run of tests/composer_helpers.py with Distillation before or after ShearingPruning."""
+    """The tiny pruning run of tests/conftest.py with Distillation before or after ShearingPruning."""
     from composer import Trainer
     from composer.models import HuggingFaceModel
     from composer.optim import DecoupledAdamW
     from torch.utils.data import DataLoader
 
-    hf = tiny_model(seed=seed, **GQA)
+    hf = tiny_model(seed=seed)
     model = HuggingFaceModel(hf, use_logits=True, shift_labels=True)
     opt = DecoupledAdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     prune_algo = ShearingPruning(TARGET, lagrangian_warmup=warmup) if prune else None
@@ -258,7 +258,7 @@ from composer.utils.parallelism import FSDPConfig
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from composer_sheared.algorithms import Distillation
 from composer_sheared.distill import teacher_logits
-from tests.tiny import tiny_model
+from tests.conftest import tiny_model
 
 tdist.init_process_group("gloo")
 algo = Distillation(teacher="copy")

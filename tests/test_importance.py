@@ -10,7 +10,7 @@ from composer_sheared.pruning.importance import (
     structure_shapes,
 )
 from composer_sheared.shapes import ModelShape
-from tests.tiny import tiny_model
+from tests.conftest import tiny_model
 
 # MHA (8 KV heads of 1 query head) and GQA (2 KV heads of 4 query heads)
 FAMILIES = {"llama_gqa": ("llama", {"num_key_value_heads": 2}), "llama_mha": ("llama", {"num_key_value_heads": 8}),

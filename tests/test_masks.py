@@ -7,7 +7,7 @@ import torch
 from composer_sheared import apply_shearing
 from composer_sheared.pruning import get_masks, remove_shearing
 from composer_sheared.pruning.hard_concrete import prob_nonzero, sample_gates, topk_gates
-from tests.tiny import randomize_masks, tiny_model
+from tests.conftest import randomize_masks, tiny_model
 
 TARGET = {"num_layers": 2, "hidden_size": 24, "num_attention_heads": 4, "num_key_value_heads": 2,
           "intermediate_size": 30}
@@ -62,10 +62,10 @@ def test_eval_shape_expected_uses_rounded_expected_counts():
     masks = apply_shearing(model, TARGET, eval_shape="expected")
     with torch.no_grad():
         masks.log_alpha["intermediate"].fill_(5.0)
-        masks.log_alpha["intermediate"][:, :10] = -10.0  # 10 of 48 units expected off
+        masks.log_alpha["intermediate"][:, :10] = -10.0  # 10 of 64 units expected off
     model.eval()
     model(torch.randint(0, 96, (1, 4)))
-    assert ((masks.current["intermediate"] > 0).sum(-1) == 38).all()
+    assert ((masks.current["intermediate"] > 0).sum(-1) == 54).all()
 
 
 def test_expected_params_exact_at_deterministic_gates():

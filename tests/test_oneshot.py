@@ -11,9 +11,9 @@ from composer_sheared.oneshot import main
 from composer_sheared.pruning.importance import compute_importance, random_scores
 from composer_sheared.pruning.oneshot import oneshot_prune, scores_to_gates, scores_to_log_alpha
 from composer_sheared.pruning.slicing import prune_with_gates
-from tests._tiny import TINY_MODEL, TINY_TARGET, make_data
+from tests.conftest import TINY as TINY_MODEL, TARGET as TINY_TARGET, make_data
 from tests.test_parity import CASES
-from tests.tiny import tiny_model, tiny_tokenizer
+from tests.conftest import tiny_model, tiny_tokenizer
 
 PARITY = ["gqa_both", "gqa_remove_q_per_group", "all_untied", "all_tied", "qwen2_bias", "mistral", "layers"]
 

@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from composer_sheared import ModelShape, apply_shearing, prune_to_target
-from tests.tiny import randomize_masks, tiny_model
+from tests.conftest import randomize_masks, tiny_model
 
 # (family, source overrides, target) — each row exercises one structure or combination.
 CASES = {

@@ -1,23 +1,24 @@
 """Dry-run plans: paper parameter counts, token and FLOP arithmetic."""
+import io
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from composer_sheared.config import load_config
 from composer_sheared.plan import PAPER_PARAMS, flops_per_token, make_plan, params_without_norms
 from composer_sheared.shapes import NAMED_SHAPES
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # train.py is a script at the repository root
 
 
 @pytest.mark.parametrize("yaml, name", [("prune_2.7b", "sheared-2.7b"), ("prune_1.3b", "sheared-1.3b")])
 def test_dry_run_matches_paper(yaml, name, capsys):
     import train
 
-    cfg = train.load_config(str(REPO / "yamls" / f"{yaml}.yaml"), ["dry_run=true"])
-    plan = train.main(cfg)["plan"]
+    cfg, resolved = load_config(str(REPO / "yamls" / f"{yaml}.yaml"), ["dry_run=true"])
+    plan = train.main(cfg, resolved)["plan"]
     out = capsys.readouterr().out
     paper = PAPER_PARAMS[name]
     assert abs(plan["target_params"] / paper - 1) < 0.005
@@ -35,19 +36,22 @@ def test_dry_run_cli_needs_no_data_or_weights():
     assert "2,701,393,920" in r.stdout
 
 
-@pytest.mark.parametrize("yaml", ["continue_2.7b", "continue_1.3b", "llama3/prune_4b", "demo/prune_smollm2",
-                                  "demo/continue_smollm2"])
-def test_other_recipes_validate_and_plan(yaml):
+@pytest.mark.parametrize("yaml, shape", [("continue_2.7b", "sheared-2.7b"), ("continue_1.3b", "sheared-1.3b"),
+                                         ("llama3/prune_4b", None), ("demo/prune_smollm2", None),
+                                         ("demo/continue_smollm2", None)])
+def test_other_recipes_validate_and_plan(yaml, shape):
+    """Absent sources: a dry run plans from model.shape; without one, the only error is model.source."""
     import train
 
-    import io
+    from composer_sheared.config import ConfigError
 
-    cfg = train.load_config(str(REPO / "yamls" / f"{yaml}.yaml"), ["dry_run=true"])
-    if cfg.model.shape is None:
-        return  # the source is the previous stage's output: validating the YAML is the check
-    cfg.model.source = "/absent"  # dry run falls back to model.shape
-    plan = train.dry_run(cfg, out=io.StringIO())
-    assert plan["total_flops"] > 0
+    overrides = ["dry_run=true", "model.source=/absent"] + ([f"model.shape={shape}"] if shape else [])
+    try:
+        cfg, resolved = load_config(str(REPO / "yamls" / f"{yaml}.yaml"), overrides)
+    except ConfigError as err:
+        assert shape is None and [k for k, _ in err.problems] == ["model.source"], str(err)
+        return
+    assert train.dry_run(cfg, resolved, out=io.StringIO())["total_flops"] > 0
 
 
 def test_flops_and_hours():

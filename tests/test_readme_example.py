@@ -1,13 +1,10 @@
 """The README's drop-in example (ShearingPruning + DynamicBatchLoading in a plain Composer
 Trainer) runs as written."""
 import re
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _tiny  # noqa: E402
+from tests.conftest import REPO, make_data
 
-README = _tiny.REPO / "README.md"
+README = REPO / "README.md"
 
 
 def _example() -> str:
@@ -26,7 +23,7 @@ def test_readme_first_screen_shows_commands():
 def test_readme_drop_in_example_runs(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    data = _tiny.make_data(tmp_path / "mds", domains=("code", "docs"))
+    data = make_data(tmp_path / "mds", domains=("code", "docs"))
     monkeypatch.setenv("SHEARED_DATA", str(data))
     monkeypatch.chdir(tmp_path)
     ns = {"__name__": "readme_example"}

@@ -24,7 +24,7 @@ import torch
 from omegaconf import OmegaConf
 
 from composer_sheared.checkpointing import set_aside_unfinished_checkpoints
-from tests import _tiny
+from tests import conftest as _tiny
 
 STEPS, KILL_AFTER = 8, 4
 CKPT = "ep0-ba{}-rank0.pt"
@@ -44,8 +44,8 @@ def _train(yaml: Path, kill_when=None) -> subprocess.CompletedProcess | None:
     """Run train.py; with `kill_when`, SIGKILL it as soon as kill_when() is true."""
     args = [sys.executable, "train.py", str(yaml)]
     if kill_when is None:
-        return subprocess.run(args, cwd=_tiny.REPO, env=_tiny.env(), capture_output=True, text=True, timeout=300)
-    proc = subprocess.Popen(args, cwd=_tiny.REPO, env=_tiny.env(), stdout=subprocess.DEVNULL,
+        return subprocess.run(args, cwd=_tiny.REPO, env=_tiny.subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.Popen(args, cwd=_tiny.REPO, env=_tiny.subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not kill_when():

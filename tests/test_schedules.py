@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from composer_sheared import ModelShape, apply_shearing, prune_to_target
-from tests.tiny import randomize_masks, tiny_model
+from tests.conftest import randomize_masks, tiny_model
 
 TARGET = {"num_layers": 2, "hidden_size": 24, "num_attention_heads": 2, "num_key_value_heads": 1,
           "intermediate_size": 30}
 
 
 def _model(**kw):
-    return tiny_model("llama", num_key_value_heads=2, **kw)
+    return tiny_model("llama", num_key_value_heads=2, num_hidden_layers=3, **kw)
 
 
 @pytest.mark.parametrize("progress", [0.0, 0.25, 0.6, 1.0])

@@ -2,7 +2,7 @@ import pytest
 
 from composer_sheared import ModelShape, validate_target
 from composer_sheared.shapes import NAMED_SHAPES, resolve_target
-from tests.tiny import tiny_config, tiny_model
+from tests.conftest import tiny_config, tiny_model
 
 
 @pytest.mark.parametrize(
@@ -25,8 +25,8 @@ def test_num_params_matches_hf(family, overrides):
 
 def test_from_hf_config_fields():
     s = ModelShape.from_hf_config(tiny_config(num_key_value_heads=2, tie_word_embeddings=True))
-    assert (s.num_layers, s.hidden_size, s.num_attention_heads, s.num_key_value_heads) == (3, 32, 8, 2)
-    assert (s.head_dim, s.intermediate_size, s.vocab_size, s.tie_word_embeddings) == (8, 48, 96, True)
+    assert (s.num_layers, s.hidden_size, s.num_attention_heads, s.num_key_value_heads) == (4, 32, 8, 2)
+    assert (s.head_dim, s.intermediate_size, s.vocab_size, s.tie_word_embeddings) == (8, 64, 128, True)
 
 
 def test_llama2_7b_shape_counts():

@@ -1,25 +1,14 @@
 """train.py through its CLI: a tiny random model pruned, sliced and trained further; DDP on CPU;
-wrong YAML fails fast naming the key or path."""
+a rerun into a finished folder; a diverging run; config errors before anything is created."""
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _tiny  # noqa: E402
-
-REPO = _tiny.REPO
-sys.path.insert(0, str(REPO))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return _tiny.make_data(tmp_path_factory.mktemp("mds"))
+from composer_sheared.report import read_jsonl, series
+from tests.conftest import TARGET, prune_yaml
 
 
 def _write(cfg: dict, path: Path) -> Path:
@@ -27,110 +16,80 @@ def _write(cfg: dict, path: Path) -> Path:
     return path
 
 
-def _run(args, timeout=240):
-    return subprocess.run(args, cwd=REPO, env=_tiny.env(), capture_output=True, text=True, timeout=timeout)
+def _ok(r):
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
-def test_prune_slice_continue_cli(data, tmp_path):
+def test_prune_slice_continue_and_rerun(mds, tmp_path, run_train):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from composer_sheared.report import read_jsonl, series
-
-    y = _write(_tiny.prune_yaml(data, tmp_path / "prune"), tmp_path / "prune.yaml")
-    r = _run([sys.executable, "train.py", str(y), "max_duration=4ba"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    pruned = tmp_path / "prune" / "pruned_hf"
-    model = AutoModelForCausalLM.from_pretrained(pruned)
+    run = tmp_path / "prune"
+    y = _write(prune_yaml(mds, run), tmp_path / "prune.yaml")
+    _ok(run_train(y, "max_duration=4ba"))
+    model = AutoModelForCausalLM.from_pretrained(run / "pruned_hf")
     c = model.config
-    t = _tiny.TINY_TARGET
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size) == (
-        t["num_layers"], t["hidden_size"], t["num_attention_heads"], t["num_key_value_heads"], t["intermediate_size"])
-    assert (pruned / "generation_config.json").exists()
-    recs = read_jsonl(tmp_path / "prune" / "metrics.jsonl")
+        TARGET["num_layers"], TARGET["hidden_size"], TARGET["num_attention_heads"], TARGET["num_key_value_heads"],
+        TARGET["intermediate_size"])
+    assert (run / "pruned_hf" / "generation_config.json").exists()
+    recs = read_jsonl(run / "metrics.jsonl")
     steps, exp = series(recs, "shearing/expected_params")
-    assert len(steps) == 4 and all(v > 0 for v in exp)
+    assert steps == [1, 2, 3, 4] and all(v > 0 for v in exp)
     assert series(recs, "dbl/weight/alpha")[0], "dynamic loading logged no weights"
     assert series(recs, "metrics/alpha/LanguageCrossEntropy")[0], "no per-domain eval"
-    assert list((tmp_path / "prune").glob("ep0-ba4*.pt")), "no checkpoint"
+    assert (run / "ep0-ba4-rank0.pt").exists(), "no checkpoint"
+
+    # a second run into the finished folder: refused without save_overwrite (exit 2, nothing touched) ...
+    r = run_train(y, "max_duration=2ba", "save_interval=2ba")
+    assert r.returncode == 2 and "error: save_folder:" in r.stderr and "Traceback" not in r.stderr
+    # ... and with it, the earlier run's checkpoints and metrics are gone, not mixed with the new run's
+    _ok(run_train(y, "max_duration=2ba", "save_interval=2ba", "save_overwrite=true"))
+    assert sorted(p.name for p in run.glob("ep*.pt")) == ["ep0-ba2-rank0.pt"]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert sum('"run"' in line[:8] for line in lines) == 1
+    assert series(read_jsonl(run / "metrics.jsonl"), "shearing/expected_params")[0] == [1, 2]
 
     # continued pretraining from the sliced directory
-    r = _run([sys.executable, "train.py", str(y), "pruning=null", "model.config=null", f"model.source={pruned}",
-              f"save_folder={tmp_path / 'cont'}", "max_duration=3ba"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run_train(y, "pruning=null", "model.config=null", f"model.source={run / 'pruned_hf'}",
+                  f"save_folder={tmp_path / 'cont'}", "max_duration=3ba")
+    _ok(r)
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "cont" / "hf")
-    assert final.config.hidden_size == t["hidden_size"]
+    assert final.config.hidden_size == TARGET["hidden_size"]
     assert not torch.equal(final.model.embed_tokens.weight, model.model.embed_tokens.weight), "weights did not train"
 
 
-def test_ddp_two_ranks_cpu(data, tmp_path):
-    y = _write(_tiny.prune_yaml(data, tmp_path / "ddp"), tmp_path / "ddp.yaml")
-    composer = Path(sys.executable).parent / "composer"
-    r = _run([str(composer), "-n", "2", "train.py", str(y), "max_duration=3ba", "save_interval=3ba"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+def test_ddp_two_ranks_cpu(mds, tmp_path, run_train):
+    y = _write(prune_yaml(mds, tmp_path / "ddp"), tmp_path / "ddp.yaml")
+    composer = str(Path(sys.executable).parent / "composer")
+    _ok(run_train(y, "max_duration=3ba", "save_interval=3ba", launcher=[composer, "-n", "2"]))
     assert (tmp_path / "ddp" / "pruned_hf" / "model.safetensors").exists()
-    recs = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    assert any("shearing/expected_params" in r.get("metrics", {}) for r in recs)
+    assert series(read_jsonl(tmp_path / "ddp" / "metrics.jsonl"), "shearing/expected_params")[0] == [1, 2, 3]
 
 
-# --- fail-fast config errors (in-process: config loading + data checks are pure Python) -------
-def _load(cfg: dict, tmp_path, *overrides):
-    import train
-
-    y = _write(cfg, tmp_path / "c.yaml")
-    c = train.load_config(str(y), list(overrides))
-    train.check_data(c)
-    return c
-
-
-def test_valid_config_loads(data, tmp_path):
-    c = _load(_tiny.prune_yaml(data, tmp_path / "o"), tmp_path)
-    assert c.pruning.target["num_layers"] == 2
+def test_nan_loss_stops_the_run_and_saves_nothing(mds, tmp_path, run_train):
+    # dynamic loading is on (prune_yaml): the run must stop at the batch, not at the next eval
+    y = _write(prune_yaml(mds, tmp_path / "nan", steps=8), tmp_path / "nan.yaml")
+    r = run_train(y, "optimizer.lr=1e10", "eval_interval=8ba")
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "error: loss is NaN at batch" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "nan" / "pruned_hf").exists()
+    assert not list((tmp_path / "nan").glob("ep*.pt"))
 
 
-@pytest.mark.parametrize("mutate, needle", [
-    (lambda c: c.update(max_durations="3ba"), "max_durations"),
-    (lambda c: c["pruning"].update(lagrangian_wamup="2ba"), "pruning.lagrangian_wamup"),
-    (lambda c: c["optimizer"].update(lr="fast"), "optimizer.lr"),
-    (lambda c: c.update(global_train_batch_size="big"), "global_train_batch_size"),
-    (lambda c: c["data"].update(domains=["alpha"]), "data.proportions"),
-    (lambda c: c["dynamic_loading"].update(reference_losses=[1.0]), "dynamic_loading.reference_losses"),
-])
-def test_bad_key_or_type_names_key(data, tmp_path, mutate, needle):
-    import train
-
-    cfg = _tiny.prune_yaml(data, tmp_path / "o")
-    mutate(cfg)
-    with pytest.raises(train.ConfigError, match=needle.replace(".", r"\.")):
-        _load(cfg, tmp_path)
-
-
-def test_missing_data_dir_names_path(data, tmp_path):
-    import train
-
-    cfg = _tiny.prune_yaml(tmp_path / "nope", tmp_path / "o")
-    with pytest.raises(train.ConfigError, match="nope"):
-        _load(cfg, tmp_path)
-
-
-def test_domain_not_in_data_names_domain(data, tmp_path):
-    import train
-
-    cfg = _tiny.prune_yaml(data, tmp_path / "o")
-    cfg["data"]["domains"] = ["alpha", "gamma"]
-    with pytest.raises(train.ConfigError, match=r"data\.domains\[1\]='gamma'.*\['alpha', 'beta'\]"):
-        _load(cfg, tmp_path)
-
-
-def test_seq_len_mismatch(data, tmp_path):
-    import train
-
-    with pytest.raises(train.ConfigError, match="max_seq_len=64"):
-        _load(_tiny.prune_yaml(data, tmp_path / "o"), tmp_path, "max_seq_len=64")
-
-
-def test_cli_exit_code_and_message(data, tmp_path):
-    y = _write(_tiny.prune_yaml(data, tmp_path / "o"), tmp_path / "bad.yaml")
-    r = _run([sys.executable, "train.py", str(y), "pruning.mask_lr=abc"], timeout=120)
-    assert r.returncode == 2
-    assert "pruning.mask_lr" in r.stderr and "Traceback" not in r.stderr
+def test_config_errors_exit_2_before_anything_is_created(mds, tmp_path, run_train):
+    out = tmp_path / "never"
+    y = _write(prune_yaml(mds, out), tmp_path / "bad.yaml")
+    r = run_train(y, "pruning.target.num_layers=9", "data.proportions=[1.5,-0.5]", "max_duration=4 batches",
+                  "dynamic_loading.reference_losses=[.nan,4]", "model.tokenizer=/no/such/tokenizer",
+                  "pruning.mask_lr=abc", timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    # the first bad type stops the merge; the rest are validated together
+    assert r.stderr.startswith("error: pruning.mask_lr:"), r.stderr
+    r = run_train(y, "pruning.target.num_layers=9", "data.proportions=[1.5,-0.5]", "max_duration=4 batches",
+                  "dynamic_loading.reference_losses=[.nan,4]", "model.tokenizer=/no/such/tokenizer", timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    for key in ("pruning.target", "data.proportions", "max_duration", "dynamic_loading.reference_losses",
+                "model.tokenizer"):
+        assert f"error: {key}: " in r.stderr, (key, r.stderr)
+    assert not out.exists()

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from composer.utils import dist
 
-from tests.composer_helpers import make_trainer
+from tests.conftest import make_trainer
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])

@@ -25,7 +25,10 @@ from composer_sheared.pruning import ShearingMasks, apply_shearing, get_masks
 from composer_sheared.pruning.hard_concrete import TEMPERATURE
 from composer_sheared.shapes import ModelShape
 
-__all__ = ["ShearingPruning", "find_hf_model"]
+__all__ = ["ShearingPruning", "find_hf_model", "LAGRANGIAN_WARMUP"]
+
+# The target reaches its final shape after 20% of the run (the paper: 640 of 3200 pruning steps).
+LAGRANGIAN_WARMUP = "0.2dur"
 
 
 def find_hf_model(model: torch.nn.Module) -> PreTrainedModel:
@@ -53,7 +56,8 @@ class ShearingPruning(Algorithm):
         target: a ModelShape, a mapping of ModelShape fields (missing ones are the source's), or
             a name from ``composer_sheared.shapes.NAMED_SHAPES``.
         lagrangian_warmup: how long the target moves linearly from the source shape to
-            `target`, e.g. ``"640ba"`` or ``"0.2dur"``.
+            `target`: batches (``"640ba"``) or a fraction of ``max_duration`` (``"0.2dur"``, the
+            default, which needs ``max_duration`` in batches).
         mask_lr, lambda_lr: learning rates of the mask logits and the Lagrange multipliers.
         eval_shape: ``"target"`` (eval-mode masks keep exactly the target counts, so evaluation
             shows what the sliced model will do) or ``"expected"`` (the rounded expected counts,
@@ -76,7 +80,7 @@ class ShearingPruning(Algorithm):
     def __init__(
         self,
         target: ModelShape | Mapping[str, Any] | str,
-        lagrangian_warmup: str | int = "640ba",
+        lagrangian_warmup: str | int = LAGRANGIAN_WARMUP,
         mask_lr: float = 1.0,
         lambda_lr: float = 1.0,
         eval_shape: str = "target",

@@ -31,7 +31,7 @@ from composer.loggers import Logger
 
 from composer_sheared.data.mixing import RULES, excess_losses, update_weights
 
-__all__ = ["DynamicBatchLoading", "update_weights"]
+__all__ = ["DynamicBatchLoading", "check_references", "update_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,40 @@ def _unwrap_dataset(dataloader: Any) -> Any:
     return dataset
 
 
+def check_references(references: Union[Sequence[float], Mapping[str, float], str],
+                     domains: Sequence[str]) -> Optional[list[float]]:
+    """Reference losses in domain order (None for "source"); ValueError names the bad domain."""
+    if isinstance(references, str):
+        if references != "source":
+            raise ValueError(f"references must be a list, a dict or 'source', got {references!r}")
+        return None
+    if isinstance(references, Mapping):
+        missing = [d for d in domains if d not in references]
+        extra = [k for k in references if k not in domains]
+        if missing or extra:
+            raise ValueError(f"reference dict: missing domains {missing}, unknown domains {extra}")
+        values = [references[d] for d in domains]
+    elif isinstance(references, Sequence):
+        values = list(references)
+        if len(values) != len(domains):
+            raise ValueError(f"{len(values)} reference losses for {len(domains)} domains")
+    else:
+        raise ValueError(f"references must be a list, a dict or 'source', got {type(references).__name__}")
+    refs = []
+    for d, v in zip(domains, values):
+        # a NaN/inf reference would poison every weight update; catch it before training
+        try:
+            r = float(v)
+        except (TypeError, ValueError):
+            r = None
+        if r is None or isinstance(v, bool) or not np.isfinite(r):
+            raise ValueError(f"reference loss of domain {d!r} must be a finite number, got {v!r}")
+        refs.append(r)
+    return refs
+
+
 class DynamicBatchLoading(Callback):
-    """Dynamic batch loading (Sheared-LLaMA, METHOD.md) as a Composer callback.
+    """Dynamic batch loading (Sheared-LLaMA, Xia et al. 2023) as a Composer callback.
 
     Args:
         domains: domain names, in the train dataset's order.
@@ -71,21 +103,7 @@ class DynamicBatchLoading(Callback):
         self.rule, self.eta, self.c = rule, float(eta), float(c)
         self.label_prefix, self.metric_name, self.source_at = label_prefix, metric_name, source_at
         self.use_source = isinstance(references, str)
-        if self.use_source:
-            if references != "source":
-                raise ValueError(f"references must be a list, a dict or 'source', got {references!r}")
-            self.references: Optional[list[float]] = None
-        elif isinstance(references, Mapping):
-            missing = [d for d in self.domains if d not in references]
-            extra = [k for k in references if k not in self.domains]
-            if missing or extra:
-                raise ValueError(f"reference dict: missing domains {missing}, unknown domains {extra}")
-            self.references = [float(references[d]) for d in self.domains]
-        else:
-            refs = [float(r) for r in references]
-            if len(refs) != len(self.domains):
-                raise ValueError(f"{len(refs)} reference losses for {len(self.domains)} domains")
-            self.references = refs
+        self.references: Optional[list[float]] = check_references(references, self.domains)
         self.weights: Optional[list[float]] = None
         self.history: list[dict[str, Any]] = []
         self._warned_missing = False

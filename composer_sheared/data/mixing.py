@@ -1,4 +1,4 @@
-"""Domain-weight update rules of dynamic batch loading (METHOD.md, "Dynamic batch loading").
+"""Domain-weight update rules of dynamic batch loading (Sheared-LLaMA, Xia et al. 2023).
 
 Pure functions on plain sequences / numpy: no torch, no Composer, so the rule can be unit tested
 against hand-computed values and reused from any training loop.

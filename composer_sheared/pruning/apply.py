@@ -1,6 +1,6 @@
 """Attach ShearingMasks to a HF Llama-family model without copying its modelling code.
 
-Where each gate acts (METHOD.md, mask table):
+Where each gate acts (one gate per structure the target can remove):
   - a forward pre-hook on the CausalLM draws the gates once per forward pass;
   - o_proj: input features x head gates (each head's context vector), outputs x layer x hidden;
   - down_proj: input features x intermediate gates, outputs x layer x hidden;

@@ -1,4 +1,4 @@
-"""Hard-concrete (L0) gates, Louizos et al. 2018, with the constants of METHOD.md."""
+"""Hard-concrete (L0) gates, Louizos et al. 2018, with the stretch limits and temperature of the Sheared-LLaMA reference code."""
 from __future__ import annotations
 
 import hashlib

