@@ -144,9 +144,23 @@ def build_trainer(cfg: TrainConfig, resolved: Resolved, extra_loggers=(), extra_
         from composer_sheared.algorithms import ShearingPruning
 
         p = cfg.pruning
+        calibration = None
+        if p.mask_init == "importance":  # the same fixed train samples on every rank
+            from composer_sheared.data.calibration import calibration_batches
+
+            calibration = calibration_batches(cfg.data.local, list(cfg.data.domains), p.calibration_batches,
+                                              device_batch, split=cfg.data.train_split, remote=cfg.data.remote)
         algorithms.append(ShearingPruning(resolved.target, lagrangian_warmup=p.lagrangian_warmup, mask_lr=p.mask_lr,
                                           lambda_lr=p.lambda_lr, eval_shape=p.eval_shape,
-                                          mask_betas=None if p.mask_betas is None else tuple(p.mask_betas)))
+                                          mask_betas=None if p.mask_betas is None else tuple(p.mask_betas),
+                                          schedule=p.schedule, mask_init=p.mask_init, calibration=calibration,
+                                          init_spread=p.init_spread))
+    if cfg.distillation is not None:
+        from composer_sheared.algorithms import Distillation
+
+        kd = cfg.distillation
+        algorithms.append(Distillation(teacher=kd.teacher, alpha=kd.alpha, temperature=kd.temperature,
+                                       teacher_dtype=kd.teacher_dtype))
     if cfg.dynamic_loading is not None:
         dl = cfg.dynamic_loading
         callbacks.append(DynamicBatchLoading(list(cfg.data.domains), plain(dl.reference_losses), rule=dl.rule,

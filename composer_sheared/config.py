@@ -10,6 +10,7 @@ them as `error: <key>: <message>` and exits with code 2.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -80,6 +81,21 @@ class PruningConfig:
     lambda_lr: float = 1.0
     eval_shape: str = "target"  # "expected": what the reference code evaluated (and fed to dynamic loading)
     mask_betas: Optional[List[float]] = None  # Adam betas of the mask/multiplier groups; None: the optimizer's
+    # projection: expected size held exactly on the warm-up target (the LM gradient orders units);
+    # lagrangian: the paper's multipliers. mask_init importance: logits from a calibration pass over
+    # `calibration_batches` train batches, spread by rank over +-init_spread; uniform: the paper's init.
+    schedule: str = "projection"
+    mask_init: str = "importance"
+    calibration_batches: int = 8
+    init_spread: float = 10.0
+
+
+@dataclass
+class DistillationConfig:
+    teacher: str = "copy"  # "copy" (the source as loaded, frozen) or a HF model directory
+    alpha: float = 0.5  # loss = (1 - alpha) * CE + alpha * KD (the Lagrangian is added unscaled)
+    temperature: float = 1.0
+    teacher_dtype: Optional[str] = None  # default: the student's dtype
 
 
 @dataclass
@@ -122,6 +138,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     pruning: Optional[PruningConfig] = None
+    distillation: Optional[DistillationConfig] = None
     dynamic_loading: Optional[DynamicLoadingConfig] = None
     fsdp: Optional[Dict[str, Any]] = None  # Composer FSDPConfig kwargs; GPU only
     save_folder: Optional[str] = None  # checkpoints, metrics.jsonl and the final HF directory
@@ -321,6 +338,26 @@ def _check_training(errors: list, cfg: TrainConfig) -> None:
                                                         f"got max_duration={cfg.max_duration!r}"))
         if p.eval_shape not in ("target", "expected"):
             errors.append(("pruning.eval_shape", f"expected 'target' or 'expected', got {p.eval_shape!r}"))
+        if p.schedule not in ("projection", "lagrangian"):
+            errors.append(("pruning.schedule", f"expected 'projection' or 'lagrangian', got {p.schedule!r}"))
+        if p.mask_init not in ("importance", "uniform"):
+            errors.append(("pruning.mask_init", f"expected 'importance' or 'uniform', got {p.mask_init!r}"))
+        if p.mask_init == "importance" and p.calibration_batches <= 0:
+            errors.append(("pruning.calibration_batches", f"expected a positive integer, got {p.calibration_batches}"))
+        if not (p.init_spread > 0 and math.isfinite(p.init_spread)):
+            errors.append(("pruning.init_spread", f"expected a positive number, got {p.init_spread}"))
+    kd = cfg.distillation
+    if kd is not None:
+        if not 0.0 <= kd.alpha <= 1.0:
+            errors.append(("distillation.alpha", f"expected a number in [0, 1], got {kd.alpha}"))
+        if not (kd.temperature > 0 and math.isfinite(kd.temperature)):
+            errors.append(("distillation.temperature", f"expected a positive number, got {kd.temperature}"))
+        if kd.teacher != "copy" and not (Path(kd.teacher) / "config.json").is_file():
+            errors.append(("distillation.teacher", f"expected 'copy' or a HF model directory; {kd.teacher} has no "
+                                                   "config.json"))
+        if kd.teacher_dtype not in (None, "float32", "bfloat16", "float16"):
+            errors.append(("distillation.teacher_dtype", f"expected float32, bfloat16 or float16, got "
+                                                         f"{kd.teacher_dtype!r}"))
     dl = cfg.dynamic_loading
     if dl is not None:
         if dl.rule not in RULES:
@@ -414,7 +451,7 @@ def _resolve_shapes(errors: list, cfg: TrainConfig) -> Resolved:
     return Resolved(hf_config, source, target)
 
 
-def check_data(cfg: TrainConfig) -> dict:
+def check_data(cfg: TrainConfig, resolved_vocab: Optional[int] = None) -> dict:
     """Fail fast on a missing data directory, domains the data lacks, or another sample length;
     returns the data's stats.json (empty for remote data)."""
     d = cfg.data
@@ -433,6 +470,10 @@ def check_data(cfg: TrainConfig) -> dict:
             if not (root / split / dom).is_dir():
                 raise ConfigError(f"data.domains[{i}]", f"{dom!r} has no directory {root / split / dom}; "
                                                         f"the data has domains {present}")
+    vocab = stats.get("vocab_size")
+    if vocab is not None and resolved_vocab is not None and int(vocab) > int(resolved_vocab):
+        raise ConfigError("data.local", f"{root / 'stats.json'} says the data was tokenized with a "
+                                        f"{vocab}-token vocabulary, but the model has {resolved_vocab} embeddings")
     seq = stats.get("seq_len")
     if seq is not None and int(seq) != cfg.max_seq_len:
         raise ConfigError("max_seq_len", f"{cfg.max_seq_len}, but {root / 'stats.json'} says the samples have "
@@ -453,7 +494,7 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> Resolved:
         resolved = _resolve_shapes(errors, cfg)
     if check_paths and not cfg.dry_run and not any(k.startswith("data") for k, _ in errors):
         try:
-            check_data(cfg)
+            check_data(cfg, resolved.source.vocab_size if resolved.source is not None else None)
         except ConfigError as err:
             errors.extend(err.problems)
     if errors:

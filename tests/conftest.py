@@ -98,7 +98,7 @@ class TokenDataset:
 
 
 def make_trainer(max_duration="40ba", warmup="20ba", seed=7, batch_size=4, tokenizer=None, dist_sampler=False,
-                 mask_betas=None, **trainer_kw):
+                 mask_betas=None, algo_kw=None, **trainer_kw):
     """(Composer Trainer pruning the tiny model to TARGET on TokenDataset, its ShearingPruning)."""
     from composer import Trainer
     from composer.models import HuggingFaceModel
@@ -112,7 +112,9 @@ def make_trainer(max_duration="40ba", warmup="20ba", seed=7, batch_size=4, token
     opt = DecoupledAdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     ds = TokenDataset()
     sampler = dist.get_sampler(ds, shuffle=False) if dist_sampler else None
-    algo = ShearingPruning(TARGET, lagrangian_warmup=warmup, mask_betas=mask_betas)
+    # the paper's schedule unless a test asks for another (algo_kw)
+    algo_kw = {"schedule": "lagrangian", "mask_init": "uniform"} if algo_kw is None else algo_kw
+    algo = ShearingPruning(TARGET, lagrangian_warmup=warmup, mask_betas=mask_betas, **algo_kw)
     trainer = Trainer(model=model, train_dataloader=DataLoader(ds, batch_size=batch_size, sampler=sampler),
                       optimizers=opt, max_duration=max_duration, algorithms=[algo], device="cpu",
                       progress_bar=False, log_to_console=False, seed=seed, **trainer_kw)

@@ -54,7 +54,7 @@ def test_default_hyperparameters_converge_in_a_plain_loop():
     torch.manual_seed(0)
     hf = tiny_model(seed=3)
     opt = DecoupledAdamW(hf.parameters(), lr=1e-3, weight_decay=0.0)
-    masks = apply_shearing(hf, TARGET, opt)
+    masks = apply_shearing(hf, TARGET, opt, schedule="lagrangian")
     data = TokenDataset()
     for step in range(150):
         masks.constrain_()

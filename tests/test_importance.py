@@ -24,7 +24,7 @@ def _batches(n=3, vocab=96, seed=0):
 
 def _model(case, **extra):
     family, overrides = FAMILIES[case]
-    return tiny_model(family, **{**overrides, **extra}).eval()
+    return tiny_model(family, **{"num_hidden_layers": 3, "vocab_size": 96, "intermediate_size": 48, **overrides, **extra}).eval()
 
 
 @pytest.mark.parametrize("case", sorted(FAMILIES))
@@ -110,7 +110,7 @@ def test_planted_channels_rank_first(case):
 def _one_layer_model():
     """Layer 1 alone makes the model predict token 5 (its MLP writes a large, non-negative
     multiple of token 5's LM-head row); layer 0 writes nothing (the identity), layer 2 almost nothing."""
-    model = tiny_model("llama", num_key_value_heads=2).eval()
+    model = tiny_model("llama", num_key_value_heads=2, num_hidden_layers=3, vocab_size=96, intermediate_size=48).eval()
     layers = model.model.layers
     with torch.no_grad():
         for i in (0, 2):

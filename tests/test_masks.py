@@ -59,7 +59,7 @@ def test_train_mode_samples_each_forward_eval_is_deterministic():
 
 def test_eval_shape_expected_uses_rounded_expected_counts():
     model = tiny_model()
-    masks = apply_shearing(model, TARGET, eval_shape="expected")
+    masks = apply_shearing(model, TARGET, eval_shape="expected", schedule="lagrangian")
     with torch.no_grad():
         masks.log_alpha["intermediate"].fill_(5.0)
         masks.log_alpha["intermediate"][:, :10] = -10.0  # 10 of 64 units expected off
@@ -81,7 +81,7 @@ def test_expected_params_exact_at_deterministic_gates():
 def test_gradients_and_lagrangian_ascent():
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    masks = apply_shearing(model, TARGET, opt, mask_lr=0.5, lambda_lr=1.0)
+    masks = apply_shearing(model, TARGET, opt, mask_lr=0.5, lambda_lr=1.0, schedule="lagrangian")
     masks.warmup_progress.fill_(1.0)
     randomize_masks(masks, scale=1.0)  # gates strictly inside (0, 1) pass gradients
     with torch.no_grad():
@@ -140,13 +140,14 @@ def test_weight_folding_and_activation_gating_train_alike():
         assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_torch_compile_does_not_recompile_each_step():
+@pytest.mark.parametrize("schedule", ["projection", "lagrangian"])
+def test_torch_compile_does_not_recompile_each_step(schedule):
     import torch._dynamo as dynamo
 
     dynamo.reset()
     model = tiny_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    masks = apply_shearing(model, TARGET, opt)
+    masks = apply_shearing(model, TARGET, opt, schedule=schedule)
     compiled = torch.compile(model, backend="aot_eager")
     model.train()
     frames = []

@@ -28,25 +28,29 @@ CASES = {
 }
 
 
-def _masked_and_sliced(family, overrides, target, attn="eager", seed=0, probe=None, fold=None):
+def _masked_and_sliced(family, overrides, target, attn="eager", seed=0, probe=None, fold=None, schedule="lagrangian"):
     """Masked source, its masks and the sliced model; with `probe` ids, also the dense logits."""
     model = tiny_model(family, seed=seed, **{"attn_implementation": attn, **overrides}).eval()
     dense = None
     if probe is not None:
         with torch.no_grad():
             dense = model(probe).logits
-    masks = apply_shearing(model, target, fold_into_weights=fold)
+    masks = apply_shearing(model, target, fold_into_weights=fold, schedule=schedule)
     randomize_masks(masks, seed=seed + 1)
+    masks.warmup_progress.fill_(1.0)
     return model, masks, prune_to_target(model), dense
 
 
+@pytest.mark.parametrize("schedule", ["lagrangian", "projection"])
 @pytest.mark.parametrize("attn,fold", [("eager", False), ("sdpa", True)])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_masked_equals_sliced(case, attn, fold):
-    """Both ways of gating o_proj/down_proj (activations or folded weights), both attentions."""
+def test_masked_equals_sliced(case, attn, fold, schedule):
+    """Both ways of gating o_proj/down_proj (activations or folded weights), both attentions, both
+    mask schedules (soft gate values folded for the paper's, binary for the projected one)."""
     family, overrides, target = CASES[case]
     ids = torch.randint(0, 96, (3, 11), generator=torch.Generator().manual_seed(3))
-    model, masks, sliced, dense_logits = _masked_and_sliced(family, overrides, target, attn, probe=ids, fold=fold)
+    model, masks, sliced, dense_logits = _masked_and_sliced(family, overrides, target, attn, probe=ids, fold=fold,
+                                                            schedule=schedule)
     with torch.no_grad():
         masked_logits = model(ids).logits
         sliced_logits = sliced(ids).logits

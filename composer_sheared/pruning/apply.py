@@ -156,7 +156,7 @@ def apply_shearing(
     init_mean: float = 5.0,
     fold_into_weights: bool | None = None,
     mask_betas: tuple[float, float] | None = None,
-    schedule: str = "lagrangian",
+    schedule: str = "projection",
     init_log_alpha: Mapping[str, torch.Tensor] | None = None,
     clamp: bool | None = None,
     gate_values: str | None = None,
