@@ -60,32 +60,9 @@ def build_data(out: Path, tokenizer_dir: Path, seq_len: int, max_bytes: int, eva
 
 def eval_domains(hf_dir: Path, mds: Path, batches: int, batch_size: int, desc: str) -> dict[str, float]:
     """Token-mean eval loss per domain over the same samples the training evaluators use."""
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM
+    from composer_sheared.domain_loss import domain_losses
 
-    from composer_sheared.data import domain_eval_dataset
-
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
-    out = {}
-    with torch.no_grad(), tqdm(total=len(DOMAINS) * batches, desc=f"eval {desc}", leave=False) as bar:
-        for dom in DOMAINS:
-            ds = domain_eval_dataset(str(mds), dom, split="eval", batch_size=batch_size)
-            total, count = 0.0, 0
-            for i, b in enumerate(DataLoader(ds, batch_size=batch_size)):
-                if i >= batches:
-                    break
-                logits = model(input_ids=b["input_ids"]).logits[:, :-1].float()
-                labels = b["labels"][:, 1:]
-                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                         ignore_index=-100, reduction="sum")
-                total += float(loss)
-                count += int((labels != -100).sum())
-                bar.update(1)
-            out[dom] = total / max(count, 1)
-    del model
-    return out
+    return domain_losses(hf_dir, mds, DOMAINS, batches, batch_size, desc=f"eval {desc}")
 
 
 def generate(hf_dir: Path, prompts, max_new_tokens: int) -> list[str]:
@@ -237,23 +214,9 @@ def write_report(out, args, src_dir, pruned_dir, final_dir, prune_stage, losses,
     p = R.plot_domain_weights([("pruning", rec_p), ("continued pretraining", rec_c)], DOMAINS, out / "domain_weights.png")
     if p:
         plots["Domain weights over steps (dynamic batch loading)"] = p.name
-    # the warmed-up target: every structure count moves linearly from the source's to the target's
-    from composer.core import Time
-
-    wu = Time.from_timestring(str(prune_cfg.pruning.lagrangian_warmup))
-    wu_batches = wu.value * args.prune_steps if wu.unit.value == "dur" else wu.value
-    steps = list(range(1, args.prune_steps + 1))
-    fields = ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")
-
-    def _at(step):
-        f = min(1.0, step / wu_batches) if wu_batches else 1.0
-        return src_shape.replace(**{k: getattr(src_shape, k) + f * (getattr(tgt_shape, k) - getattr(src_shape, k))
-                                    for k in fields}).num_params()
-
-    p = R.plot_expected_params(rec_p, out / "expected_params.png", source_params=src_shape.num_params(),
-                               schedule=(steps, [_at(s) for s in steps]))
+    p = R.plot_pruning_progress(rec_p, out / "pruning_progress.png")
     if p:
-        plots["Expected parameters of the masked model vs target"] = p.name
+        plots["Pruning: training loss, and expected parameters held to the warm-up target"] = p.name
     p = R.plot_domain_losses(losses, out / "domain_losses.png")
     plots["Per-domain eval loss"] = p.name
     p = R.plot_train_loss([("pruning", rec_p), ("continued", rec_c)], out / "train_loss.png")
@@ -284,8 +247,10 @@ def write_report(out, args, src_dir, pruned_dir, final_dir, prune_stage, losses,
              f"({'yes' if pruned_shape == tgt_shape and n_pruned == tgt_shape.num_params() else 'NO'}).")
     if exp:
         L.append(f"Expected parameters of the masked model: {exp[0] / 1e6:.1f}M at step 1 -> {exp[-1] / 1e6:.1f}M at "
-                 f"step {len(exp)} (target {tgt_shape.num_params() / 1e6:.1f}M; Lagrangian warm-up "
-                 f"{prune_cfg.pruning.lagrangian_warmup}).\n")
+                 f"step {len(exp)} (target {tgt_shape.num_params() / 1e6:.1f}M; warm-up "
+                 f"{prune_cfg.pruning.lagrangian_warmup}; schedule {prune_cfg.pruning.schedule}, mask init "
+                 f"{prune_cfg.pruning.mask_init}"
+                 f"{', distillation from the source' if prune_cfg.distillation is not None else ''}).\n")
     L.append("## Runs\n")
     L.append("| stage | steps | batch | tokens | wall s | tokens/s (SpeedMonitor) |")
     L.append("| --- | --- | --- | --- | --- | --- |")

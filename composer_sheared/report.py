@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-__all__ = ["read_jsonl", "series", "plot_domain_weights", "plot_expected_params", "plot_domain_losses",
-           "plot_train_loss"]
+__all__ = ["read_jsonl", "series", "plot_domain_weights", "plot_domain_losses",
+           "plot_train_loss", "plot_pruning_progress"]
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -78,27 +78,6 @@ def plot_domain_weights(stages: Sequence[tuple[str, list[dict]]], domains: Seque
     return Path(out) if drawn else None
 
 
-def plot_expected_params(records: list[dict], out: str | os.PathLike, source_params: Optional[int] = None,
-                         schedule: Optional[tuple[list[int], list[float]]] = None) -> Optional[Path]:
-    """Expected parameter count of the masked model vs the (warmed-up) target, over steps."""
-    plt = _plt()
-    s_exp, v_exp = series(records, "shearing/expected_params")
-    s_tgt, v_tgt = series(records, "shearing/target_params")
-    if not s_exp:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    ax.plot(s_exp, [v / 1e6 for v in v_exp], label="expected params (masks)")
-    if schedule:  # the target as it moves from the source's shape during the Lagrangian warm-up
-        ax.plot(schedule[0], [v / 1e6 for v in schedule[1]], "--", label="target during warm-up")
-    if s_tgt:
-        ax.plot(s_tgt, [v / 1e6 for v in v_tgt], ":", label="final target")
-    if source_params:
-        ax.axhline(source_params / 1e6, color="grey", lw=0.8, label="source")
-    _style(ax, "pruning: expected vs target parameters", "step", "parameters (M)")
-    _save(fig, out)
-    return Path(out)
-
-
 def plot_domain_losses(losses: dict[str, dict[str, float]], out: str | os.PathLike,
                        references: Optional[dict[str, float]] = None) -> Path:
     """Grouped bars: per-domain eval loss of each model (e.g. source / pruned / continued)."""
@@ -118,6 +97,29 @@ def plot_domain_losses(losses: dict[str, dict[str, float]], out: str | os.PathLi
     ax.set_xticks(range(len(domains)))
     ax.set_xticklabels(domains)
     _style(ax, "per-domain eval loss", "", "eval loss (nats/token)", grid_axis="y")
+    _save(fig, out)
+    return Path(out)
+
+
+def plot_pruning_progress(records: list[dict], out: str | os.PathLike) -> Optional[Path]:
+    """Pruning: the training loss (top) and the expected size of the masks against the warm-up
+    target they are held to (bottom), over the same steps."""
+    s_loss, loss = series(records, "loss/train/total")
+    s_exp, exp = series(records, "shearing/expected_params")
+    s_wt, wt = series(records, "shearing/warmup_target_params")
+    if not (s_loss and s_exp):
+        return None
+    plt = _plt()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 5.6), sharex=True)
+    top.plot(s_loss, loss, label="total (LM, distillation, Lagrangian)")
+    s_ce, ce = series(records, "distill/ce_loss")
+    if s_ce:
+        top.plot(s_ce, ce, label="LM cross-entropy", alpha=0.8)
+    _style(top, "pruning: training loss", "", "loss")
+    bottom.plot(s_exp, [v / 1e6 for v in exp], label="expected (masks)")
+    if s_wt:
+        bottom.plot(s_wt, [v / 1e6 for v in wt], "--", label="warm-up target")
+    _style(bottom, "expected parameters vs the warm-up target", "step", "params (M)")
     _save(fig, out)
     return Path(out)
 
