@@ -98,26 +98,22 @@ def _pick(metrics: Mapping[str, Any], spec: TaskSpec) -> tuple[str, float]:
 
 
 def _model_names(models: Sequence[str]) -> dict[str, str]:
-    """``NAME=PATH`` or ``PATH`` (named by the shortest path suffix that is unique)."""
-    named, plain = {}, []
-    for m in models:
-        if "=" in m and not os.path.exists(m):
-            name, path = m.split("=", 1)
-            named[name] = path
-        else:
-            plain.append(m)
-    parts = {p: Path(os.path.abspath(p)).parts for p in plain}
-    for p in plain:
-        for k in range(1, len(parts[p]) + 1):
-            suffix = parts[p][-k:]
-            if sum(q[-k:] == suffix for q in parts.values()) == 1:
-                named["/".join(suffix)] = p
-                break
-        else:
-            raise ValueError(f"model {p!r} is given twice")
-    for name, path in named.items():
+    """``NAME=PATH`` or ``PATH`` (named by its shortest path suffix that no other model shares),
+    in the order given."""
+    pairs = [m.split("=", 1) if "=" in m and not os.path.exists(m) else [None, m] for m in models]
+    parts = {p: Path(os.path.abspath(p)).parts for n, p in pairs if n is None}
+    named: dict[str, str] = {}
+    for name, path in pairs:
+        if name is None:
+            for k in range(1, len(parts[path]) + 1):
+                if sum(q[-k:] == parts[path][-k:] for q in parts.values()) == 1:
+                    name = "/".join(parts[path][-k:])
+                    break
+        if name is None or name in named:
+            raise ValueError(f"model {path!r} is given twice (or under a name already used)")
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"model {name!r}: {path!r} is not a HF model directory (no config.json)")
+        named[name] = path
     return named
 
 
