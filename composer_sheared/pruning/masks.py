@@ -296,6 +296,8 @@ class ShearingMasks(nn.Module):
             l1, l2 = self.lambda_1[n], self.lambda_2[n]
             if self.schedule == "lagrangian":
                 total = total + _ascending(l1) * gap + _ascending(l2) * gap * gap
+            else:  # unused, but kept in the graph: DDP wants every parameter to get a gradient
+                total = total + 0.0 * (l1 + l2)
             stats[f"expected/{n}"] = (frac * st.row_size).detach()
             stats[f"target/{n}"] = (targets[n] * st.row_size).detach()
             stats[f"lambda1/{n}"] = l1.detach()
