@@ -136,6 +136,7 @@ def main(argv=None) -> int:
     eval_sequences = args.eval_batches * args.batch_size
     mds = build_data(out, src_dir, args.seq_len, args.corpus_bytes, eval_sequences, args.fresh)
     data_stats = json.loads((mds / "stats.json").read_text())
+    task_dir = build_next_line(out, args.corpus_bytes)
     timings["data"] = time.time() - t
 
     _step("3/6 source per-domain losses (references for dynamic batch loading)")
@@ -188,16 +189,42 @@ def main(argv=None) -> int:
 
     tok_src, tok_final = AutoTokenizer.from_pretrained(src_dir), AutoTokenizer.from_pretrained(final_dir)
     tok_same = all(tok_src(p)["input_ids"] == tok_final(p)["input_ids"] for p in PROMPTS)
+    downstream = {}
+    if task_dir is not None:
+        from composer_sheared.evaluate import downstream_accuracy
+
+        downstream = downstream_accuracy({"source": src_dir, "pruned": pruned_dir, "continued": final_dir}, task_dir,
+                                         device="cpu")
+        print("[demo] next-line accuracy:", {k: round(v, 3) for k, v in downstream.items()}, flush=True)
     timings["eval + generations"] = time.time() - t
 
     write_report(out, args, src_dir, pruned_dir, final_dir, configs[0], losses, gens, tok_same, data_stats, timings,
-                 time.time() - t_start)
+                 time.time() - t_start, downstream, task_dir)
     print(f"\n[demo] done in {time.time() - t_start:.0f}s: {out / 'report.md'}", flush=True)
     return 0
 
 
+def build_next_line(out: Path, corpus_bytes: int) -> Optional[Path]:
+    """A local 4-choice next-line task from held-out files of the same kinds (none of the training
+    corpus): the demo's downstream measure. None (with a note) when the machine has too few files."""
+    from data_prep.local_corpus import build_local_corpus
+    from data_prep.next_line_task import build_from_paths
+
+    heldout, task = out / "heldout", out / "next_line"
+    try:
+        if heldout.exists():
+            shutil.rmtree(heldout)
+        build_local_corpus(str(heldout), domains=DOMAINS, max_bytes_per_domain=2 * corpus_bytes)
+        build_from_paths(str(task), [str(heldout)], exclude=[str(out / "corpus")], items=48, seed=0,
+                         context_lines=4, max_context_chars=200, max_line_chars=100)
+    except ValueError as err:
+        print(f"[demo] no downstream task: {err}", flush=True)
+        return None
+    return task
+
+
 def write_report(out, args, src_dir, pruned_dir, final_dir, prune_stage, losses, gens, tok_same, data_stats,
-                 timings, total_s) -> Path:
+                 timings, total_s, downstream=None, task_dir=None) -> Path:
     from composer_sheared import report as R
     from composer_sheared.shapes import ModelShape
 
@@ -275,6 +302,15 @@ def write_report(out, args, src_dir, pruned_dir, final_dir, prune_stage, losses,
         if all(w.values()):
             L.append(f"\nDomain weights, {stage}: " + ", ".join(f"{d} {w[d][0]:.3f} -> {w[d][-1]:.3f}" for d in DOMAINS))
     L.append("")
+    if downstream:
+        n_items = sum(len(f.read_text().splitlines()) for f in Path(task_dir).glob("*.jsonl"))
+        L.append("\n## Downstream: next-line multiple choice (lm-evaluation-harness, local task)\n")
+        L.append(f"Given 4 lines of a held-out file (files the training corpus does not contain), pick the true "
+                 f"next line among 4 (3 distractors from other files of the same domain); {n_items} items, chance "
+                 f"25%.\n")
+        L.append("| model | " + " | ".join(downstream) + " |")
+        L.append("| --- | " + " | ".join("---" for _ in downstream) + " |")
+        L.append("| accuracy | " + " | ".join(f"{v:.1%}" for v in downstream.values()) + " |\n")
     L.append("## Plots\n")
     for title, name in plots.items():
         L.append(f"**{title}**\n\n![{title}]({name})\n")
@@ -301,7 +337,8 @@ def write_report(out, args, src_dir, pruned_dir, final_dir, prune_stage, losses,
         "losses": losses, "params": {"source": n_src, "target": tgt_shape.num_params(), "pruned": n_pruned,
                                      "continued": n_final},
         "tokens_per_s": {"pruning": tps_p, "continued": tps_c}, "timings_s": timings, "total_s": total_s,
-        "tokenizer_same_ids": tok_same, "generations": gens}, indent=2))
+        "tokenizer_same_ids": tok_same, "generations": gens,
+        "downstream_next_line": downstream}, indent=2))
     return out / "report.md"
 
 
