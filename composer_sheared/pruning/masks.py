@@ -321,6 +321,8 @@ class ShearingMasks(nn.Module):
             "temperature": self.temperature,
             "eval_shape": self.eval_shape,
             "schedule": self.schedule,
+            "gate_values": self.gate_values,
+            "clamp": self.clamp,
         }
 
     def set_extra_state(self, state) -> None:
@@ -333,6 +335,12 @@ class ShearingMasks(nn.Module):
                     f"{getattr(self, key).as_dict()}"
                 )
         self.temperature = float(state.get("temperature", self.temperature))
+        # how the logits were trained decides how they are read (checkpoints before schedules
+        # existed were trained with the Lagrangian)
+        self.schedule = state.get("schedule", "lagrangian")
+        projected = self.schedule == "projection"
+        self.gate_values = state.get("gate_values", "binary" if projected else "soft")
+        self.clamp = bool(state.get("clamp", not projected))
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}{tuple(s.shape)}->{s.target}/row" for n, s in self.structures.items())
