@@ -127,12 +127,24 @@ def build_trainer(cfg: TrainConfig, resolved: Resolved, extra_loggers=(), extra_
     elif cfg.model.activation_checkpointing:
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    eval_metrics = [LanguageCrossEntropy()]
+    if cfg.downstream is not None:
+        from composer_sheared.eval_tasks import NextLineAccuracy
+
+        eval_metrics.append(NextLineAccuracy())
     model = HuggingFaceModel(hf_model, tokenizer=tokenizer, use_logits=True, shift_labels=True,
-                             metrics=[LanguageCrossEntropy()], eval_metrics=[LanguageCrossEntropy()])
+                             metrics=[LanguageCrossEntropy()], eval_metrics=eval_metrics)
     fpt = flops_per_token(resolved.source, cfg.max_seq_len)
     model.flops_per_batch = lambda batch: fpt * batch["input_ids"].numel()
 
     train_dl, evaluators = builders.build_dataloaders(cfg, device_batch)
+    if cfg.downstream is not None:  # scored with the domain losses; dynamic loading ignores its label
+        from composer_sheared.eval_tasks import build_next_line_evaluator
+
+        if tokenizer is None:
+            raise ConfigError("downstream", "the next-line task needs a tokenizer (model.tokenizer)")
+        evaluators.append(build_next_line_evaluator(cfg.downstream.task_dir, tokenizer, cfg.downstream.batch_size,
+                                                    subset_num_batches=cfg.downstream.subset_num_batches))
     o = cfg.optimizer
     optimizer = DecoupledAdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                weight_decay=o.weight_decay)

@@ -107,6 +107,15 @@ class DynamicLoadingConfig:
 
 
 @dataclass
+class DownstreamConfig:
+    # a local next-line task (data_prep/next_line_task.py output) scored as a Composer evaluator at
+    # every eval, next to the per-domain losses (metric NextLineAccuracy, label `next_line`)
+    task_dir: str = MISSING
+    batch_size: int = 4  # items per batch (4 choices each)
+    subset_num_batches: Optional[int] = None
+
+
+@dataclass
 class LoggersConfig:
     jsonl: Optional[str] = None  # metrics JSONL path (default <save_folder>/metrics.jsonl)
     wandb: Optional[Dict[str, Any]] = None  # WandBLogger kwargs; used when wandb is installed
@@ -139,6 +148,7 @@ class TrainConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     pruning: Optional[PruningConfig] = None
     distillation: Optional[DistillationConfig] = None
+    downstream: Optional[DownstreamConfig] = None
     dynamic_loading: Optional[DynamicLoadingConfig] = None
     fsdp: Optional[Dict[str, Any]] = None  # Composer FSDPConfig kwargs; GPU only
     save_folder: Optional[str] = None  # checkpoints, metrics.jsonl and the final HF directory
@@ -358,6 +368,13 @@ def _check_training(errors: list, cfg: TrainConfig) -> None:
         if kd.teacher_dtype not in (None, "float32", "bfloat16", "float16"):
             errors.append(("distillation.teacher_dtype", f"expected float32, bfloat16 or float16, got "
                                                          f"{kd.teacher_dtype!r}"))
+    ds = cfg.downstream
+    if ds is not None:
+        if not Path(ds.task_dir).is_dir() or not list(Path(ds.task_dir).glob("*.jsonl")):
+            errors.append(("downstream.task_dir", f"expected a folder of next-line task JSONL files "
+                                                  f"(data_prep/next_line_task.py), got {ds.task_dir}"))
+        if ds.batch_size <= 0:
+            errors.append(("downstream.batch_size", f"expected a positive integer, got {ds.batch_size}"))
     dl = cfg.dynamic_loading
     if dl is not None:
         if dl.rule not in RULES:
