@@ -30,8 +30,10 @@ STEPS, KILL_AFTER = 8, 4
 CKPT = "ep0-ba{}-rank0.pt"
 
 
-def _config(data: Path, out: Path) -> Path:
+def _config(data: Path, out: Path, schedule: str = "projection") -> Path:
     cfg = _tiny.prune_yaml(data, out, steps=STEPS)
+    cfg["pruning"]["schedule"] = schedule  # the paper's method resumes exactly too
+    cfg["pruning"]["mask_init"] = "importance" if schedule == "projection" else "uniform"
     cfg.update(run_name="resume", save_interval="2ba", autoresume=True, save_hf=False,
                device_train_microbatch_size=2)  # 2 microbatches per step: each needs its own noise
     cfg["pruning"]["lagrangian_warmup"] = "6ba"  # the kill falls inside the warm-up
@@ -95,20 +97,25 @@ def data(tmp_path_factory):
     return _tiny.make_data(tmp_path_factory.mktemp("mds"))
 
 
+@pytest.fixture(scope="module", params=["projection", "lagrangian"])
+def schedule(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(data, tmp_path_factory):
+def uninterrupted(data, schedule, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "run"
-    r = _train(_config(data, out))
+    r = _train(_config(data, out, schedule))
     assert r.returncode == 0, r.stderr[-3000:]
     return _final(out)
 
 
-def test_sigkill_then_autoresume_equals_the_uninterrupted_run(data, uninterrupted, tmp_path):
+def test_sigkill_then_autoresume_equals_the_uninterrupted_run(data, schedule, uninterrupted, tmp_path):
     """Killed right after the ba4 checkpoint, and again while writing the ba6 one (simulated: the
     first half of a checkpoint file beside a `latest` that still points to ba4). One resume must
     recover from both: set the partial file aside, then replay batches 5-8 exactly."""
     out = tmp_path / "run"
-    yaml = _config(data, out)
+    yaml = _config(data, out, schedule)
     _train(yaml, kill_when=_latest_is(out, KILL_AFTER))
     assert not (out / CKPT.format(KILL_AFTER + 2)).exists()
     whole = (out / CKPT.format(KILL_AFTER)).read_bytes()
