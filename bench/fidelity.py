@@ -275,8 +275,11 @@ def write_report(results: list[dict], refs: list[float], p: Preset, preset: str,
                  f"(wall {by['g']['wall_s']:.0f} s vs {by['b']['wall_s']:.0f} s).")
     for r in results:
         if r.get("prune_min_stray") is not None:
-            L.append(f"- arm {r['arm']} pruning: train loss first {r['prune_first_loss']:.3f}, max {r['prune_max_loss']:.3f}; "
-                     f"expected params at most {-100 * r['prune_min_stray']:.2f}% of (source - target) below the warm-up target.")
+            low = -100 * r["prune_min_stray"]
+            where = (f"fell at most {low:.2f}% of (source - target) below the warm-up target" if low > 0 else
+                     f"never fell below the warm-up target (closest {-low:.2f}% of source - target above it)")
+            L.append(f"- arm {r['arm']} pruning: LM train loss first {r['prune_first_loss']:.3f}, max "
+                     f"{r['prune_max_loss']:.3f}; expected params {where}.")
     L.append(f"\n![loss vs tokens](fidelity-{preset}.png)\n")
     path = out_dir / f"fidelity-{preset}.md"
     path.write_text("\n".join(L) + "\n")
