@@ -2,6 +2,7 @@
 a rerun into a finished folder; a diverging run; config errors before anything is created."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -93,3 +94,30 @@ def test_config_errors_exit_2_before_anything_is_created(mds, tmp_path, run_trai
                 "model.tokenizer"):
         assert f"error: {key}: " in r.stderr, (key, r.stderr)
     assert not out.exists()
+
+
+def test_downstream_evaluator_in_the_recipe(mds, tmp_path, run_train, tokenizer):
+    """`downstream.task_dir` adds the next-line accuracy to every eval of a recipe run."""
+    import random
+
+    from data_prep import next_line_task as nlt
+    from tests.conftest import prune_yaml
+
+    rnd = random.Random(0)
+    docs = {dom: [nlt.Doc(f"{dom}-{k}", "\n".join(" ".join(f"w{rnd.randrange(2, 96)}" for _ in range(5))
+                                                   for _ in range(10))) for k in range(6)]
+            for dom in ("alpha", "beta")}
+    nlt.build_next_line_task(str(tmp_path / "task"), docs, items=8, seed=0)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    cfg = prune_yaml(mds, tmp_path / "run", steps=2)
+    cfg.pop("pruning")
+    cfg["model"]["tokenizer"] = str(tmp_path / "tok")
+    cfg["downstream"] = {"task_dir": str(tmp_path / "task"), "batch_size": 2}
+    y = tmp_path / "run.yaml"
+    OmegaConf.save(OmegaConf.create(cfg), y)
+    _ok(run_train(y, "eval_interval=2ba", "save_hf=false"))
+    accs = [rec["metrics"][k] for rec in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+            for k in rec.get("metrics", {}) if k == "metrics/next_line/NextLineAccuracy"]
+    assert accs and all(0.0 <= a <= 1.0 for a in accs)
+    bad = run_train(y, f"downstream.task_dir={tmp_path / 'nope'}")
+    assert bad.returncode == 2 and "downstream.task_dir" in bad.stderr
