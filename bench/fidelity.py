@@ -294,7 +294,17 @@ def main(argv=None) -> int:
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--work", default=str(REPO / "runs" / "fidelity"))
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    ap.add_argument("--from-json", action="store_true",
+                    help="only redraw the table and plot from bench/results/fidelity-<preset>.json")
     args = ap.parse_args(argv)
+    if args.from_json:
+        payload = json.loads((Path(args.out) / f"fidelity-{args.preset}.json").read_text())
+        refs = [payload["source"][d] for d in DOMAINS]
+        plot(payload["arms"], Path(args.out) / f"fidelity-{args.preset}.png")
+        md = write_report(payload["arms"], refs, PRESETS[args.preset], args.preset, Path(args.out),
+                          payload.get("total_s", 0.0))
+        print(md.read_text())
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -321,7 +331,8 @@ def main(argv=None) -> int:
         _log(f"arm {arm}: {ARMS[arm]}")
         results.append(run_arm(arm, p, src, mds, refs, work))
         # keep what is done: a long run that stops still leaves a table
-        payload = {"preset": args.preset, "config": asdict(p), "target": TARGET, "source": source, "arms": results}
+        payload = {"preset": args.preset, "config": asdict(p), "target": TARGET, "source": source, "arms": results,
+                   "total_s": time.time() - t0}
         tmp = json_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(payload, indent=1))
         tmp.replace(json_path)
