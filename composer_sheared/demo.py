@@ -159,8 +159,6 @@ def main(argv=None) -> int:
             shutil.rmtree(out_dir)
         overrides = common + [f"model.source={source}", f"max_duration={steps}ba", f"save_folder={out_dir}",
                               f"global_train_batch_size={batch}"]
-        if "continue" in yaml:  # distil from the source, not from the pruned model itself
-            overrides.append(f"distillation.teacher={src_dir}")
         cfg, resolved = load_config(str(REPO / yaml), overrides)
         r = subprocess.run([sys.executable, str(REPO / "train.py"), str(REPO / yaml), *overrides], cwd=REPO)
         if r.returncode != 0:
