@@ -253,7 +253,8 @@ def write_report(results: list[dict], refs: list[float], p: Preset, preset: str,
          f"{p.prune_steps} x {p.prune_batch} then continue for {p.continue_steps} x {p.continue_batch}; the "
          f"others continue for all the tokens. Eval: token-mean cross-entropy on the same {p.eval_sequences} "
          f"held-out samples per domain. Reference (source) losses: "
-         + ", ".join(f"{d} {r:.3f}" for d, r in zip(DOMAINS, refs)) + f". Total wall time {total_s / 60:.1f} min.\n",
+         + ", ".join(f"{d} {r:.3f}" for d, r in zip(DOMAINS, refs)) + f". Arms' wall time {sum(r['wall_s'] for r in results) / 60:.1f} min in all (2 CPU cores, shared with "
+         f"other work during arm a).\n",
          "| arm | method | after pruning (sliced) | after continued | " + " | ".join(DOMAINS)
          + " | max excess over ref | wall s |",
          "| --- | --- | --- | --- | " + " | ".join("---" for _ in DOMAINS) + " | --- | --- |"]
@@ -272,14 +273,14 @@ def write_report(results: list[dict], refs: list[float], p: Preset, preset: str,
                  f"{by['h']['final_mean'] - by['g']['final_mean']:+.3f} nats in favour of g; after pruning alone "
                  f"{by['h']['pruned_mean'] - by['g']['pruned_mean']:+.3f}.")
     if "b" in by and "e" in by:
-        L.append(f"- from scratch (e) minus defaults (b): {by['e']['final_mean'] - by['b']['final_mean']:+.3f} nats.")
+        L.append(f"- from scratch (e) minus learned masks (b): {by['e']['final_mean'] - by['b']['final_mean']:+.3f} nats.")
     if "c" in by and "d" in by:
         L.append(f"- random (d) minus one-shot importance (c): {by['d']['final_mean'] - by['c']['final_mean']:+.3f} nats.")
     if "b" in by and "f" in by:
         L.append(f"- largest per-domain excess over the reference: dynamic (b) {by['b']['final_max_excess']:.3f}, "
                  f"static (f) {by['f']['final_max_excess']:.3f}.")
     if "b" in by and "a" in by:
-        L.append(f"- paper (a) minus defaults (b): {by['a']['final_mean'] - by['b']['final_mean']:+.3f} nats.")
+        L.append(f"- paper's method (a) minus projected schedule + importance init (b): {by['a']['final_mean'] - by['b']['final_mean']:+.3f} nats.")
     if "b" in by and "g" in by:
         L.append(f"- distillation (g) minus none (b): {by['g']['final_mean'] - by['b']['final_mean']:+.3f} nats "
                  f"(wall {by['g']['wall_s']:.0f} s vs {by['b']['wall_s']:.0f} s).")
