@@ -89,3 +89,17 @@ def test_init_log_alpha_is_used_and_checked():
         apply_shearing(_model(), TARGET, init_log_alpha={"layer": torch.zeros(L + 1)})
     with pytest.raises(ValueError, match="kv_group|does not prune"):
         apply_shearing(_model(), {"num_layers": 2}, init_log_alpha={"hidden": torch.zeros(32)})
+
+
+def test_projection_expected_eval_shape_counts_the_projected_logits():
+    """eval_shape='expected' under the projected schedule keeps the warm-up target's count per row,
+    not the count the raw (unshifted) logits would give."""
+    masks = apply_shearing(_model(), TARGET, schedule="projection", eval_shape="expected")
+    randomize_masks(masks, scale=8.0)
+    with torch.no_grad():
+        masks.log_alpha["intermediate"].sub_(20.0)  # raw logits alone would keep almost nothing
+    masks.warmup_progress.fill_(0.5)
+    m = masks.structures["intermediate"].row_size
+    want = round(m * float(masks.target_fractions()["intermediate"]))
+    gates = masks.deterministic_gates("expected")
+    assert ((gates["intermediate"] > 0).sum(-1) == want).all()

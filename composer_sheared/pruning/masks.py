@@ -146,29 +146,33 @@ class ShearingMasks(nn.Module):
     def lambda_parameters(self) -> list[nn.Parameter]:
         return list(self.lambda_1.values()) + list(self.lambda_2.values())
 
-    def _eval_k(self, name: str) -> int:
+    def _eval_k(self, name: str, logits: torch.Tensor) -> int:
         st = self.structures[name]
         if self.eval_shape == "target":
             return st.target
-        expected = prob_nonzero(self.log_alpha[name], self.temperature).sum(-1).float().mean()
+        expected = prob_nonzero(logits, self.temperature).sum(-1).float().mean()
         return int(min(max(round(expected.item()), 1), st.row_size))
 
     def deterministic_gates(self, shape: str = "target") -> dict[str, torch.Tensor]:
         """Top-k gates per row: at the target counts, or at the rounded expected counts."""
         old, self.eval_shape = self.eval_shape, shape
         try:
-            return {n: self._deterministic(n) for n in self.structures}
+            return self._deterministic_all()
         finally:
             self.eval_shape = old
 
-    def _deterministic(self, name: str) -> torch.Tensor:
-        # With tied embeddings one matrix is both the embedding (which would need the hidden gate
-        # folded in) and the LM head (which must not), so kept hidden dims get gate 1 there.
-        binary = self.gate_values == "binary" or (name == "hidden" and self.source.tie_word_embeddings)
-        # A per-row shift does not change the order inside a row, so top-k reads the raw logits;
-        # the soft values, though, are those of the shifted (projected) distribution.
-        la = self.effective_log_alpha()[name].float() if self.schedule == "projection" else self.log_alpha[name].float()
-        return topk_gates(la, self._eval_k(name), self.temperature, binary=binary)
+    def _deterministic_all(self) -> dict[str, torch.Tensor]:
+        # The logits the gates are drawn from (shifted by the projection, if any), computed once:
+        # they give the expected counts, the top-k order (a per-row shift keeps it) and soft values.
+        eff = self.effective_log_alpha()
+        out = {}
+        for name in self.structures:
+            # With tied embeddings one matrix is both the embedding (which would need the hidden
+            # gate folded in) and the LM head (which must not), so kept hidden dims get gate 1 there.
+            binary = self.gate_values == "binary" or (name == "hidden" and self.source.tie_word_embeddings)
+            la = eff[name].float()
+            out[name] = topk_gates(la, self._eval_k(name, la), self.temperature, binary=binary)
+        return out
 
     # ---- the projected schedule ---------------------------------------------------------------
     @torch.no_grad()
@@ -210,7 +214,7 @@ class ShearingMasks(nn.Module):
             noise = self._noise()
             z = {n: sample_gates(la.float(), self.temperature, noise[n]) for n, la in eff.items()}
         else:
-            z = {n: self._deterministic(n) for n in self.structures}
+            z = self._deterministic_all()
         self.current = self._multipliers(z)
         if self.training and torch.is_grad_enabled():
             self.last_lagrangian, self.last_stats = self.lagrangian(eff)
