@@ -166,7 +166,7 @@ def build_trainer(cfg: TrainConfig, resolved: Resolved, extra_loggers=(), extra_
                                           lambda_lr=p.lambda_lr, eval_shape=p.eval_shape,
                                           mask_betas=None if p.mask_betas is None else tuple(p.mask_betas),
                                           schedule=p.schedule, mask_init=p.mask_init, calibration=calibration,
-                                          init_spread=p.init_spread))
+                                          init_spread=p.init_spread, train_gates=p.train_gates))
     if cfg.distillation is not None:
         from composer_sheared.algorithms import Distillation
 

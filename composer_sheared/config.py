@@ -88,6 +88,8 @@ class PruningConfig:
     mask_init: str = "importance"
     calibration_batches: int = 8
     init_spread: float = 10.0
+    # projection only: sampled (hard-concrete noise) or smooth (noise-free fade, then exact top-k)
+    train_gates: str = "sampled"
 
 
 @dataclass
@@ -354,6 +356,10 @@ def _check_training(errors: list, cfg: TrainConfig) -> None:
             errors.append(("pruning.mask_init", f"expected 'importance' or 'uniform', got {p.mask_init!r}"))
         if p.mask_init == "importance" and p.calibration_batches <= 0:
             errors.append(("pruning.calibration_batches", f"expected a positive integer, got {p.calibration_batches}"))
+        if p.train_gates not in ("sampled", "smooth"):
+            errors.append(("pruning.train_gates", f"expected 'sampled' or 'smooth', got {p.train_gates!r}"))
+        elif p.train_gates == "smooth" and p.schedule != "projection":
+            errors.append(("pruning.train_gates", "'smooth' needs pruning.schedule: projection"))
         if not (p.init_spread > 0 and math.isfinite(p.init_spread)):
             errors.append(("pruning.init_spread", f"expected a positive number, got {p.init_spread}"))
     kd = cfg.distillation

@@ -103,3 +103,67 @@ def test_projection_expected_eval_shape_counts_the_projected_logits():
     want = round(m * float(masks.target_fractions()["intermediate"]))
     gates = masks.deterministic_gates("expected")
     assert ((gates["intermediate"] > 0).sum(-1) == want).all()
+
+
+# ---- smooth (noise-free) training gates -------------------------------------------------------
+@pytest.mark.parametrize("progress", [0.0, 0.3, 0.7])
+def test_smooth_gates_hold_their_mass_on_the_warmup_target_without_noise(progress):
+    """During the warm-up each row's gates sum to the warm-up target, and two training forwards see
+    the same gates (no noise), fractional only at the cut."""
+    masks = apply_shearing(_model(), TARGET, schedule="projection", train_gates="smooth")
+    randomize_masks(masks, scale=8.0)
+    masks.train()
+    masks.warmup_progress.fill_(progress)
+    z1 = {k: v.detach().clone() for k, v in masks().items() if v is not None}
+    z2 = {k: v.detach() for k, v in masks().items() if v is not None}
+    assert all(torch.equal(z1[k], z2[k]) for k in z1)
+    fracs = masks.target_fractions()
+    keep = masks.keep_probabilities()
+    for name, g in keep.items():
+        per_row = g.mean(-1)
+        assert torch.allclose(per_row, fracs[name].expand_as(per_row), atol=1e-4), name
+        # the ordering decides: a unit with a higher logit never has a smaller gate
+        order = masks.log_alpha[name].detach().argsort(-1)
+        assert (g.detach().gather(-1, order).diff(dim=-1) >= -1e-6).all(), name
+
+
+def test_smooth_gates_sharpen_over_the_warmup():
+    masks = apply_shearing(_model(), TARGET, schedule="projection", train_gates="smooth")
+    randomize_masks(masks, scale=8.0)
+    fractional = []
+    for progress in (0.2, 0.6, 0.95):
+        masks.warmup_progress.fill_(progress)
+        g = masks.keep_probabilities()["intermediate"].detach()
+        fractional.append(int(((g > 0.01) & (g < 0.99)).sum()))
+    assert fractional[0] > fractional[1] > fractional[2]
+
+
+def test_smooth_gates_train_the_exact_target_after_the_warmup():
+    """After the warm-up the training gates are the sliced model's: train loss == sliced loss, and
+    the logits still get a (zero) gradient so DDP sees every parameter used."""
+    torch.manual_seed(0)
+    model = _model(attn_implementation="eager")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    masks = apply_shearing(model, TARGET, opt, schedule="projection", train_gates="smooth", mask_lr=0.5)
+    randomize_masks(masks, scale=6.0)
+    ids = torch.randint(0, 96, (4, 12), generator=torch.Generator().manual_seed(1))
+    for step in range(8):
+        masks.warmup_progress.fill_(min(1.0, step / 4))
+        loss = model(input_ids=ids, labels=ids).loss + masks.last_lagrangian
+        assert abs(float(masks.last_stats["stray"])) <= 1e-3
+        loss.backward()
+        if step >= 4:
+            assert all(p.grad is not None and float(p.grad.abs().max()) == 0.0 for p in masks.log_alpha.values())
+        opt.step()
+        opt.zero_grad()
+    train_loss = float(model(input_ids=ids, labels=ids).loss)  # still in train mode: top-k gates
+    model.eval()
+    sliced = prune_to_target(model)
+    assert ModelShape.from_hf_config(sliced.config) == masks.target
+    with torch.no_grad():
+        assert abs(float(sliced(input_ids=ids, labels=ids).loss) - train_loss) <= 1e-4
+
+
+def test_smooth_gates_need_the_projected_schedule():
+    with pytest.raises(ValueError, match="smooth"):
+        apply_shearing(_model(), TARGET, schedule="lagrangian", train_gates="smooth")

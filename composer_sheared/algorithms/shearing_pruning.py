@@ -73,6 +73,9 @@ class ShearingPruning(Algorithm):
             ``"uniform"`` (the paper: N(init_mean, 0.01) for every unit).
         calibration: batches (dicts with ``input_ids``) for the importance pass; the same on
             every rank. Required for ``mask_init="importance"``.
+        train_gates: with the projected schedule, ``"sampled"`` (hard-concrete noise, as the paper)
+            or ``"smooth"`` (noise-free gates that fade units out in rank order during the warm-up,
+            then the exact target top-k for the rest of the stage).
         paper: shorthand for the paper's method: Lagrangian schedule, uniform init, clamped
             logits, soft gate values folded at slicing.
     """
@@ -91,10 +94,11 @@ class ShearingPruning(Algorithm):
         mask_init: str = "importance",
         calibration: Optional[Iterable[Any]] = None,
         init_spread: float = 10.0,
+        train_gates: str = "sampled",
         paper: bool = False,
     ):
         if paper:
-            schedule, mask_init = "lagrangian", "uniform"
+            schedule, mask_init, train_gates = "lagrangian", "uniform", "sampled"
         if mask_init not in ("importance", "uniform"):
             raise ValueError(f"mask_init={mask_init!r}: expected 'importance' or 'uniform'")
         if mask_init == "importance" and calibration is None:
@@ -102,6 +106,7 @@ class ShearingPruning(Algorithm):
                              "or use mask_init='uniform'")
         self.schedule, self.mask_init, self.calibration = schedule, mask_init, calibration
         self.init_spread = float(init_spread)
+        self.train_gates = train_gates
         self.target = dict(target) if isinstance(target, Mapping) else target
         self.lagrangian_warmup = Time.from_input(lagrangian_warmup, TimeUnit.BATCH)
         if self.lagrangian_warmup.unit not in (TimeUnit.BATCH, TimeUnit.DURATION):
@@ -128,6 +133,7 @@ class ShearingPruning(Algorithm):
                 hf_model, self.target, state.optimizers or None, mask_lr=self.mask_lr, lambda_lr=self.lambda_lr,
                 eval_shape=self.eval_shape, temperature=self.temperature, init_mean=self.init_mean,
                 mask_betas=self.mask_betas, schedule=self.schedule, init_log_alpha=self._init_logits(hf_model),
+                train_gates=self.train_gates,
             )
             logger.log_hyperparameters({
                 "shearing/source_params": self._masks.source.num_params(),

@@ -160,6 +160,7 @@ def apply_shearing(
     init_log_alpha: Mapping[str, torch.Tensor] | None = None,
     clamp: bool | None = None,
     gate_values: str | None = None,
+    train_gates: str = "sampled",
 ) -> ShearingMasks:
     """Attach pruning masks for `target` to a HF Llama/Mistral/Qwen2 causal LM and return them.
 
@@ -176,7 +177,8 @@ def apply_shearing(
     or "projection" (each forward shifts every row's logits so its expected kept fraction equals
     the warm-up target exactly; the multipliers stay unused). `init_log_alpha` gives starting logits
     per structure (e.g. from importance scores); `clamp` and `gate_values` default per schedule
-    (see ShearingMasks).
+    (see ShearingMasks). `train_gates` (projection only): "sampled" hard-concrete gates, or "smooth":
+    noise-free gates that fade units out in order over the warm-up, then the exact top-k.
     """
     source = check_supported(model)
     if hasattr(model, MASKS_ATTR):
@@ -184,7 +186,7 @@ def apply_shearing(
     target = resolve_target(source, target)
     masks = ShearingMasks(source, target, temperature=temperature, init_mean=init_mean, eval_shape=eval_shape,
                           schedule=schedule, init_log_alpha=dict(init_log_alpha or {}), clamp=clamp,
-                          gate_values=gate_values)
+                          gate_values=gate_values, train_gates=train_gates)
     param = next(model.parameters())
     masks.to(device=param.device)
     masks.train(model.training)

@@ -26,6 +26,13 @@ def sample_gates(log_alpha: torch.Tensor, temperature: float = TEMPERATURE,
     return (s * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0.0, 1.0)
 
 
+def smooth_gates(log_alpha: torch.Tensor, temperature: float | torch.Tensor = TEMPERATURE) -> torch.Tensor:
+    """Noise-free gates: the hard-concrete gate at its median draw (u = 1/2), so 0 below
+    log_alpha = -temperature * ln 11, 1 above +temperature * ln 11 and fractional in between."""
+    s = torch.sigmoid(log_alpha / temperature)
+    return (s * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0.0, 1.0)
+
+
 def noise_generator(key: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Generator:
     """A generator seeded by a hash of `key` (e.g. seed, step, rank, microbatch): the same key gives
     the same noise in any process, whatever else used the global RNG before."""

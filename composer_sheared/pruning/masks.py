@@ -25,6 +25,7 @@ from composer_sheared.pruning.hard_concrete import (
     noise_generator,
     prob_nonzero,
     sample_gates,
+    smooth_gates,
     topk_gates,
 )
 from composer_sheared.shapes import ModelShape, validate_target
@@ -32,6 +33,9 @@ from composer_sheared.shapes import ModelShape, validate_target
 EVAL_SHAPES = ("target", "expected")
 SCHEDULES = ("projection", "lagrangian")
 GATE_VALUES = ("soft", "binary")
+TRAIN_GATES = ("sampled", "smooth")
+# smooth gates: the temperature falls linearly to this fraction of its start over the warm-up
+SMOOTH_FLOOR = 0.05
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ class ShearingMasks(nn.Module):
         init_log_alpha: dict[str, torch.Tensor] | None = None,
         clamp: bool | None = None,
         gate_values: str | None = None,
+        train_gates: str = "sampled",
     ):
         super().__init__()
         validate_target(source, target)
@@ -88,6 +93,11 @@ class ShearingMasks(nn.Module):
         gate_values = gate_values or ("binary" if projected else "soft")
         if gate_values not in GATE_VALUES:
             raise ValueError(f"gate_values={gate_values!r}; expected one of {GATE_VALUES}")
+        if train_gates not in TRAIN_GATES:
+            raise ValueError(f"train_gates={train_gates!r}; expected one of {TRAIN_GATES}")
+        if train_gates == "smooth" and not projected:
+            raise ValueError("train_gates='smooth' needs schedule='projection' (the Lagrangian needs sampled gates)")
+        self.train_gates = train_gates
         self.source, self.target = source, target
         self.temperature, self.eval_shape = float(temperature), eval_shape
         self.schedule, self.gate_values = schedule, gate_values
@@ -150,7 +160,7 @@ class ShearingMasks(nn.Module):
         st = self.structures[name]
         if self.eval_shape == "target":
             return st.target
-        expected = prob_nonzero(logits, self.temperature).sum(-1).float().mean()
+        expected = self._keep(logits).sum(-1).float().mean()
         return int(min(max(round(expected.item()), 1), st.row_size))
 
     def deterministic_gates(self, shape: str = "target") -> dict[str, torch.Tensor]:
@@ -175,6 +185,18 @@ class ShearingMasks(nn.Module):
         return out
 
     # ---- the projected schedule ---------------------------------------------------------------
+    def _smooth_temperature(self) -> torch.Tensor:
+        """Smooth gates sharpen as the warm-up advances, so the fractional units at its end are few
+        and the switch to the exact top-k gates after it changes almost nothing."""
+        frac = (1 - self.warmup_progress.clamp(0, 1)).clamp_min(SMOOTH_FLOOR)
+        return self.temperature * frac
+
+    def _keep(self, logits: torch.Tensor) -> torch.Tensor:
+        """How much of each unit stays: P(z > 0) for sampled gates, the gate itself for smooth ones."""
+        if self.train_gates == "smooth":
+            return smooth_gates(logits, self._smooth_temperature().to(logits.dtype))
+        return prob_nonzero(logits, self.temperature)
+
     @torch.no_grad()
     def row_shifts(self) -> dict[str, torch.Tensor]:
         """Per row, the shift c with mean(P(z > 0 | log_alpha + c)) == the warm-up target fraction.
@@ -191,7 +213,7 @@ class ShearingMasks(nn.Module):
             hi = -x.amin(-1) + 40.0
             for _ in range(40):
                 mid = (lo + hi) / 2
-                frac = prob_nonzero(x + mid[..., None], self.temperature).mean(-1)
+                frac = self._keep(x + mid[..., None]).mean(-1)
                 below = frac < t
                 lo = torch.where(below, mid, lo)
                 hi = torch.where(below, hi, mid)
@@ -209,7 +231,15 @@ class ShearingMasks(nn.Module):
     def forward(self) -> dict[str, torch.Tensor | None]:
         """Draw this forward pass's gates (train) or the deterministic ones (eval) and derive the
         per-layer multipliers the model hooks read. In training also computes the Lagrangian."""
-        if self.training:
+        if self.training and self.train_gates == "smooth":
+            # No noise: units fade out in rank order while the warm-up runs; once it is over the
+            # gates are the exact final top-k, so the rest of the stage trains the sliced model.
+            # (torch.where, not an `if`: the progress is a tensor so a compiled model does not recompile)
+            eff = self.effective_log_alpha()
+            done = self.warmup_progress >= 1
+            z = {n: torch.where(done, topk_gates(eff[n].detach().float(), st.target, binary=True),
+                                self._keep(eff[n].float())) for n, st in self.structures.items()}
+        elif self.training:
             eff = self.effective_log_alpha()
             noise = self._noise()
             z = {n: sample_gates(la.float(), self.temperature, noise[n]) for n, la in eff.items()}
@@ -255,7 +285,7 @@ class ShearingMasks(nn.Module):
     # ---- expectations and the Lagrangian ------------------------------------------------------
     def keep_probabilities(self, effective: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         eff = self.effective_log_alpha() if effective is None else effective
-        return {n: prob_nonzero(la.float(), self.temperature) for n, la in eff.items()}
+        return {n: self._keep(la.float()) for n, la in eff.items()}
 
     def expected_counts(self) -> dict[str, torch.Tensor]:
         """Expected kept units per row (mean over rows), differentiable."""
@@ -301,7 +331,8 @@ class ShearingMasks(nn.Module):
             if self.schedule == "lagrangian":
                 total = total + _ascending(l1) * gap + _ascending(l2) * gap * gap
             else:  # unused, but kept in the graph: DDP wants every parameter to get a gradient
-                total = total + 0.0 * (l1 + l2)
+                # (the logits too: exact top-k gates after a smooth warm-up carry no gradient)
+                total = total + 0.0 * (l1 + l2 + self.log_alpha[n].sum())
             stats[f"expected/{n}"] = (frac * st.row_size).detach()
             stats[f"target/{n}"] = (targets[n] * st.row_size).detach()
             stats[f"lambda1/{n}"] = l1.detach()
@@ -327,6 +358,7 @@ class ShearingMasks(nn.Module):
             "schedule": self.schedule,
             "gate_values": self.gate_values,
             "clamp": self.clamp,
+            "train_gates": self.train_gates,
         }
 
     def set_extra_state(self, state) -> None:
@@ -345,6 +377,7 @@ class ShearingMasks(nn.Module):
         projected = self.schedule == "projection"
         self.gate_values = state.get("gate_values", "binary" if projected else "soft")
         self.clamp = bool(state.get("clamp", not projected))
+        self.train_gates = state.get("train_gates", "sampled")
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}{tuple(s.shape)}->{s.target}/row" for n, s in self.structures.items())
