@@ -5,7 +5,7 @@ Every arm ends at the same target shape, spends the same total training tokens (
 continued pretraining), reads the same data and is scored on the same held-out samples:
 
   a  paper     learned masks, uniform init, Lagrangian schedule, then continued pretraining
-  b  projected projected schedule + importance init, then continued (no distillation)
+  b  projected projected schedule + importance init + smooth gates, then continued (no distillation)
   c  oneshot   one-shot activation-importance slice, then continued pretraining on all the tokens
   d  random    random structured slice, then continued pretraining on all the tokens
   e  scratch   the target shape from random init, trained on all the tokens
@@ -13,6 +13,7 @@ continued pretraining), reads the same data and is scored on the same held-out s
   g  defaults  arm b with knowledge distillation from the source in both stages (alpha 0.5, T 1):
                the recipes' defaults
   h  oneshot+kd arm c with the same distillation in its continued pretraining
+  i  sampled   arm b with sampled (hard-concrete) gates instead of smooth ones
 
 Distillation is off in every arm but g and h, whatever the recipes say.
 
@@ -32,6 +33,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # data_prep is a top-level folder of the repository, not installed
@@ -40,14 +42,21 @@ if str(REPO) not in sys.path:  # data_prep is a top-level folder of the reposito
 DOMAINS = ("code", "legal", "docs", "changelog")
 ARMS = {
     "a": "paper: learned masks, uniform init, Lagrangian",
-    "b": "projected schedule + importance init",
+    "b": "projected schedule + importance init + smooth gates",
     "c": "one-shot importance + continued",
     "d": "random slice + continued",
     "e": "target shape from scratch",
     "f": "arm b with the static mix",
     "g": "arm b + distillation (the defaults)",
     "h": "one-shot importance + continued with distillation",
+    "i": "arm b with sampled gates",
 }
+# Continued-pretraining lr per arm: each arm's best of {1e-4, 2e-4, 5e-4, 1e-3} where measured
+# (b, c, g, h; see bench/results/fidelity-cpu.md). A model from learned masks has already trained at
+# the target shape and loses ground when a fresh optimizer re-warms to a high lr; a one-shot slice,
+# a random slice or a random init need the large steps. The others take their kind's value.
+CONTINUE_LR = {"a": 5e-4, "b": 1e-4, "c": 5e-4, "d": 5e-4, "e": 5e-4, "f": 1e-4, "g": 1e-4, "h": 5e-4, "i": 1e-4}
+PRUNING_ARMS = ("a", "b", "f", "g", "i")
 TARGET = {"num_layers": 24, "hidden_size": 512, "num_attention_heads": 6, "num_key_value_heads": 3,
           "intermediate_size": 1024}
 
@@ -155,14 +164,21 @@ def random_init_dir(src_dir: Path, target: dict, out: Path, seed: int) -> Path:
     return out
 
 
-def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], work: Path) -> dict:
+def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], work: Path,
+            reuse: Optional[dict] = None) -> dict:
+    """One arm. `reuse`: this arm's earlier result, whose pruned model (work/<arm>/pruned_hf) is kept
+    and only continued again (e.g. with another continued lr)."""
     from composer_sheared.domain_loss import domain_losses
     from composer_sheared.oneshot import run as oneshot_run
 
     d = work / arm
-    if d.exists():
-        shutil.rmtree(d)
-    d.mkdir(parents=True)
+    reuse = reuse if reuse and (d / "pruned_hf" / "config.json").exists() else None
+    if reuse:
+        shutil.rmtree(d / "continue", ignore_errors=True)
+        shutil.rmtree(d / "final_hf", ignore_errors=True)
+    else:
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
     eval_batches = max(1, p.eval_sequences // 8)
     # In-training evals (the curve, and what dynamic loading reacts to) read the first 8 samples per
     # domain; the before/after numbers of the table read all eval_sequences.
@@ -174,7 +190,13 @@ def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], wo
     res: dict = {"arm": arm, "label": ARMS[arm], "curve": []}
     t0 = time.time()
     cont_steps = p.continue_steps
-    if arm in ("a", "b", "f", "g"):
+    if reuse:
+        res.update({k: v for k, v in reuse.items() if k.startswith("prune")})
+        res["curve"] = [c for c in reuse["curve"] if c[0] < p.prune_tokens] if arm in PRUNING_ARMS else []
+        start, offset = d / "pruned_hf", p.prune_tokens if arm in PRUNING_ARMS else 0
+        if arm not in PRUNING_ARMS:
+            cont_steps = p.total_tokens // (p.continue_batch * p.seq_len)
+    elif arm in PRUNING_ARMS:
         prune_over = [f"model.source={src_dir}", f"max_duration={p.prune_steps}ba", f"save_folder={d / 'prune'}",
                       f"global_train_batch_size={p.prune_batch}", f"hf_save_dir={d / 'pruned_hf'}",
                       "pruning.eval_shape=target", "save_overwrite=true"]
@@ -182,6 +204,8 @@ def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], wo
             prune_over += ["pruning.schedule=lagrangian", "pruning.mask_init=uniform", "pruning.mask_betas=null"]
         if arm == "f":
             prune_over += ["dynamic_loading=null"]
+        if arm == "i":
+            prune_over += ["pruning.train_gates=sampled"]
         prune_over += teacher if arm == "g" else ["distillation=null"]
         res["prune_wall_s"] = run_stage("yamls/demo/prune_smollm2.yaml", common + prune_over, d / "prune.log")
         res["curve"] += eval_curve(d / "prune" / "metrics.jsonl", 0, p.prune_batch * p.seq_len)
@@ -197,7 +221,8 @@ def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], wo
     res["pruned"] = domain_losses(start, mds, DOMAINS, eval_batches, 8, desc=f"{arm} pruned")
     res["curve"].append((offset, sum(res["pruned"].values()) / len(DOMAINS)))
     cont_over = [f"model.source={start}", f"max_duration={cont_steps}ba", f"save_folder={d / 'continue'}",
-                 f"global_train_batch_size={p.continue_batch}", f"hf_save_dir={d / 'final_hf'}", "save_overwrite=true"]
+                 f"global_train_batch_size={p.continue_batch}", f"hf_save_dir={d / 'final_hf'}", "save_overwrite=true",
+                 f"optimizer.lr={CONTINUE_LR[arm]}"]
     cont_over += teacher if arm in ("g", "h") else ["distillation=null"]
     if arm == "f":
         cont_over += ["dynamic_loading=null"]
@@ -205,24 +230,33 @@ def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], wo
     res["curve"] += eval_curve(d / "continue" / "metrics.jsonl", offset, p.continue_batch * p.seq_len)
     res["final"] = domain_losses(d / "final_hf", mds, DOMAINS, eval_batches, 8, desc=f"{arm} final")
     res["curve"].append((p.total_tokens, sum(res["final"].values()) / len(DOMAINS)))
-    res["tokens"] = (p.prune_tokens if arm in ("a", "b", "f", "g") else 0) + cont_steps * p.continue_batch * p.seq_len
-    res["wall_s"] = time.time() - t0
+    res["continue_lr"] = CONTINUE_LR[arm]
+    res["tokens"] = (p.prune_tokens if arm in PRUNING_ARMS else 0) + cont_steps * p.continue_batch * p.seq_len
+    res["wall_s"] = time.time() - t0 + (reuse.get("prune_wall_s", 0.0) if reuse else 0.0)
     for key in ("pruned", "final"):
         res[f"{key}_mean"] = sum(res[key].values()) / len(DOMAINS)
         res[f"{key}_max_excess"] = max(res[key][dom] - r for dom, r in zip(DOMAINS, refs))
     if (d / "prune" / "metrics.jsonl").exists():
-        from composer_sheared.report import read_jsonl, series
-
-        recs = read_jsonl(d / "prune" / "metrics.jsonl")
-        _, loss = series(recs, "distill/ce_loss")  # the LM loss alone when distillation mixes in KL
-        if not loss:
-            _, loss = series(recs, "loss/train/total")
-        _, stray = series(recs, "shearing/stray")
-        res["prune_first_loss"] = loss[0] if loss else None
-        res["prune_max_loss"] = max(loss) if loss else None
-        res["prune_min_stray"] = min(stray) if stray else None
+        res.update(prune_loss_stats(d / "prune" / "metrics.jsonl"))
     _log(f"arm {arm}: pruned {res['pruned_mean']:.3f} final {res['final_mean']:.3f} ({res['wall_s']:.0f} s)")
     return res
+
+
+def prune_loss_stats(metrics: Path, window: int = 5) -> dict:
+    """The pruning stage's LM training loss: first and max per batch, and first and max of its
+    `window`-batch running mean (one 512-token batch swings by +-1 nat with the domain it draws),
+    plus the lowest stray of the expected size below the warm-up target."""
+    from composer_sheared.report import read_jsonl, series
+
+    recs = read_jsonl(metrics)
+    _, loss = series(recs, "distill/ce_loss")  # the LM loss alone when distillation mixes in KL
+    if not loss:
+        _, loss = series(recs, "loss/train/total")
+    _, stray = series(recs, "shearing/stray")
+    run = [sum(loss[i:i + window]) / window for i in range(len(loss) - window + 1)]
+    return {"prune_first_loss": loss[0] if loss else None, "prune_max_loss": max(loss) if loss else None,
+            "prune_first_mean": run[0] if run else None, "prune_max_mean": max(run) if run else None,
+            "prune_window": window, "prune_min_stray": min(stray) if stray else None}
 
 
 def plot(results: list[dict], out: Path) -> Path:
@@ -253,15 +287,15 @@ def write_report(results: list[dict], refs: list[float], p: Preset, preset: str,
          f"{p.prune_steps} x {p.prune_batch} then continue for {p.continue_steps} x {p.continue_batch}; the "
          f"others continue for all the tokens. Eval: token-mean cross-entropy on the same {p.eval_sequences} "
          f"held-out samples per domain. Reference (source) losses: "
-         + ", ".join(f"{d} {r:.3f}" for d, r in zip(DOMAINS, refs)) + f". Arms' wall time {sum(r['wall_s'] for r in results) / 60:.1f} min in all (2 CPU cores, shared with "
-         f"other work during arm a).\n",
+         + ", ".join(f"{d} {r:.3f}" for d, r in zip(DOMAINS, refs)) + f". Arms' wall time {sum(r['wall_s'] for r in results) / 60:.1f} min in all on 2 CPU cores; arms "
+         f"that ran side by side with other work took longer, so compare wall times within a row only.\n",
          "| arm | method | after pruning (sliced) | after continued | " + " | ".join(DOMAINS)
-         + " | max excess over ref | wall s |",
-         "| --- | --- | --- | --- | " + " | ".join("---" for _ in DOMAINS) + " | --- | --- |"]
+         + " | max excess over ref | continued lr | wall s |",
+         "| --- | --- | --- | --- | " + " | ".join("---" for _ in DOMAINS) + " | --- | --- | --- |"]
     for r in results:
         L.append(f"| {r['arm']} | {r['label']} | {r['pruned_mean']:.3f} | **{r['final_mean']:.3f}** | "
                  + " | ".join(f"{r['final'][d]:.3f}" for d in DOMAINS)
-                 + f" | {r['final_max_excess']:.3f} | {r['wall_s']:.0f} |")
+                 + f" | {r['final_max_excess']:.3f} | {r.get('continue_lr', 5e-4):g} | {r['wall_s']:.0f} |")
     by = {r["arm"]: r for r in results}
     L.append("")
     if "b" in by and "c" in by:
@@ -281,6 +315,9 @@ def write_report(results: list[dict], refs: list[float], p: Preset, preset: str,
                  f"static (f) {by['f']['final_max_excess']:.3f}.")
     if "b" in by and "a" in by:
         L.append(f"- paper's method (a) minus projected schedule + importance init (b): {by['a']['final_mean'] - by['b']['final_mean']:+.3f} nats.")
+    if "b" in by and "i" in by:
+        L.append(f"- sampled gates (i) minus smooth gates (b): after pruning {by['i']['pruned_mean'] - by['b']['pruned_mean']:+.3f} "
+                 f"nats, after continued {by['i']['final_mean'] - by['b']['final_mean']:+.3f}.")
     if "b" in by and "g" in by:
         L.append(f"- distillation (g) minus none (b): {by['g']['final_mean'] - by['b']['final_mean']:+.3f} nats "
                  f"(wall {by['g']['wall_s']:.0f} s vs {by['b']['wall_s']:.0f} s).")
@@ -289,8 +326,17 @@ def write_report(results: list[dict], refs: list[float], p: Preset, preset: str,
             low = -100 * r["prune_min_stray"]
             where = (f"fell at most {low:.2f}% of (source - target) below the warm-up target" if low > 0 else
                      f"never fell below the warm-up target (closest {-low:.2f}% of source - target above it)")
+            means = (f" ({r['prune_window']}-batch running mean: first {r['prune_first_mean']:.3f}, max "
+                     f"{r['prune_max_mean']:.3f})" if r.get("prune_max_mean") is not None else "")
             L.append(f"- arm {r['arm']} pruning: LM train loss first {r['prune_first_loss']:.3f}, max "
-                     f"{r['prune_max_loss']:.3f}; expected params {where}.")
+                     f"{r['prune_max_loss']:.3f}{means}; expected params {where}.")
+    swept = [r for r in results if r.get("lr_sweep")]
+    if swept:
+        L.append("\nContinued lr, mean eval loss after continued pretraining at each lr tried (same pruned model, "
+                 "same tokens); the table uses each arm's `continue_lr`:\n")
+        for r in swept:
+            L.append(f"- arm {r['arm']}: " + ", ".join(f"{float(lr):g}: {v:.3f}" for lr, v in
+                                                    sorted(r["lr_sweep"].items(), key=lambda kv: float(kv[0]))))
     L.append(f"\n![loss vs tokens](fidelity-{preset}.png)\n")
     path = out_dir / f"fidelity-{preset}.md"
     path.write_text("\n".join(L) + "\n")
@@ -305,6 +351,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--from-json", action="store_true",
                     help="only redraw the table and plot from bench/results/fidelity-<preset>.json")
+    ap.add_argument("--reuse-pruned", action="store_true",
+                    help="keep each rerun arm's pruned model from the last run and redo only its continued pretraining")
     args = ap.parse_args(argv)
     if args.from_json:
         payload = json.loads((Path(args.out) / f"fidelity-{args.preset}.json").read_text())
@@ -334,7 +382,7 @@ def main(argv=None) -> int:
     source = domain_losses(src, mds, DOMAINS, eval_batches, 8, desc="source")
     refs = [source[d] for d in DOMAINS]
     _log("source losses " + ", ".join(f"{d} {v:.3f}" for d, v in source.items()))
-    results = []
+    results, previous = [], {}
     json_path = out_dir / f"fidelity-{args.preset}.json"
     if json_path.exists():  # keep the arms of an earlier run of the same preset that are not rerun now
         old = json.loads(json_path.read_text())
@@ -342,9 +390,11 @@ def main(argv=None) -> int:
             abs(old["source"][k] - v) < 1e-3 for k, v in source.items())
         if old.get("config") == asdict(p) and same_source:
             results = [r for r in old["arms"] if r["arm"] not in arms]
+            previous = {r["arm"]: r for r in old["arms"]}
     for arm in arms:
         _log(f"arm {arm}: {ARMS[arm]}")
-        results.append(run_arm(arm, p, src, mds, refs, work))
+        results.append(run_arm(arm, p, src, mds, refs, work, previous.get(arm) if args.reuse_pruned else None))
+        results.sort(key=lambda r: r["arm"])
         # keep what is done: a long run that stops still leaves a table
         payload = {"preset": args.preset, "config": asdict(p), "target": TARGET, "source": source, "arms": results,
                    "total_s": time.time() - t0}

@@ -88,8 +88,9 @@ class PruningConfig:
     mask_init: str = "importance"
     calibration_batches: int = 8
     init_spread: float = 10.0
-    # projection only: sampled (hard-concrete noise) or smooth (noise-free fade, then exact top-k)
-    train_gates: str = "sampled"
+    # smooth (noise-free fade, then the exact top-k; projection only) or sampled (hard-concrete
+    # noise, the paper's); default: smooth for the projected schedule, sampled for the Lagrangian
+    train_gates: Optional[str] = None
 
 
 @dataclass
@@ -356,7 +357,7 @@ def _check_training(errors: list, cfg: TrainConfig) -> None:
             errors.append(("pruning.mask_init", f"expected 'importance' or 'uniform', got {p.mask_init!r}"))
         if p.mask_init == "importance" and p.calibration_batches <= 0:
             errors.append(("pruning.calibration_batches", f"expected a positive integer, got {p.calibration_batches}"))
-        if p.train_gates not in ("sampled", "smooth"):
+        if p.train_gates not in (None, "sampled", "smooth"):
             errors.append(("pruning.train_gates", f"expected 'sampled' or 'smooth', got {p.train_gates!r}"))
         elif p.train_gates == "smooth" and p.schedule != "projection":
             errors.append(("pruning.train_gates", "'smooth' needs pruning.schedule: projection"))

@@ -41,8 +41,9 @@ def test_only_needed_structures():
 
 
 def test_train_mode_samples_each_forward_eval_is_deterministic():
+    """Sampled gates (the paper's; the smooth default has no noise, see test_schedules.py)."""
     model = tiny_model()
-    masks = apply_shearing(model, TARGET)
+    masks = apply_shearing(model, TARGET, train_gates="sampled")
     masks.warmup_progress.fill_(0.5)  # at progress 0 the projected schedule keeps every gate at 1
     ids = torch.randint(0, 96, (2, 7))
     model.train()

@@ -53,7 +53,7 @@ def test_projection_training_ends_at_the_exact_target_and_slices_equal():
     torch.manual_seed(0)
     model = _model(attn_implementation="eager")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    masks = apply_shearing(model, TARGET, opt, schedule="projection", mask_lr=0.5)
+    masks = apply_shearing(model, TARGET, opt, schedule="projection", mask_lr=0.5, train_gates="sampled")
     ids = torch.randint(0, 96, (4, 12), generator=torch.Generator().manual_seed(1))
     strays = []
     for step in range(12):

@@ -73,9 +73,9 @@ class ShearingPruning(Algorithm):
             ``"uniform"`` (the paper: N(init_mean, 0.01) for every unit).
         calibration: batches (dicts with ``input_ids``) for the importance pass; the same on
             every rank. Required for ``mask_init="importance"``.
-        train_gates: with the projected schedule, ``"sampled"`` (hard-concrete noise, as the paper)
-            or ``"smooth"`` (noise-free gates that fade units out in rank order during the warm-up,
-            then the exact target top-k for the rest of the stage).
+        train_gates: ``"smooth"`` (the projected schedule's default: noise-free gates that fade
+            units out in rank order during the warm-up, then the exact target top-k for the rest of
+            the stage) or ``"sampled"`` (hard-concrete noise, as the paper; the Lagrangian's only choice).
         paper: shorthand for the paper's method: Lagrangian schedule, uniform init, clamped
             logits, soft gate values folded at slicing.
     """
@@ -94,7 +94,7 @@ class ShearingPruning(Algorithm):
         mask_init: str = "importance",
         calibration: Optional[Iterable[Any]] = None,
         init_spread: float = 10.0,
-        train_gates: str = "sampled",
+        train_gates: Optional[str] = None,
         paper: bool = False,
     ):
         if paper:

@@ -160,7 +160,7 @@ def apply_shearing(
     init_log_alpha: Mapping[str, torch.Tensor] | None = None,
     clamp: bool | None = None,
     gate_values: str | None = None,
-    train_gates: str = "sampled",
+    train_gates: str | None = None,
 ) -> ShearingMasks:
     """Attach pruning masks for `target` to a HF Llama/Mistral/Qwen2 causal LM and return them.
 
@@ -177,8 +177,9 @@ def apply_shearing(
     or "projection" (each forward shifts every row's logits so its expected kept fraction equals
     the warm-up target exactly; the multipliers stay unused). `init_log_alpha` gives starting logits
     per structure (e.g. from importance scores); `clamp` and `gate_values` default per schedule
-    (see ShearingMasks). `train_gates` (projection only): "sampled" hard-concrete gates, or "smooth":
-    noise-free gates that fade units out in order over the warm-up, then the exact top-k.
+    (see ShearingMasks). `train_gates`: "smooth" (the projected schedule's default:
+    noise-free gates that fade units out in order over the warm-up, then the exact top-k) or
+    "sampled" (hard-concrete noise; the only choice for the Lagrangian).
     """
     source = check_supported(model)
     if hasattr(model, MASKS_ATTR):

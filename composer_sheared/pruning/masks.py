@@ -81,7 +81,7 @@ class ShearingMasks(nn.Module):
         init_log_alpha: dict[str, torch.Tensor] | None = None,
         clamp: bool | None = None,
         gate_values: str | None = None,
-        train_gates: str = "sampled",
+        train_gates: str | None = None,
     ):
         super().__init__()
         validate_target(source, target)
@@ -93,6 +93,8 @@ class ShearingMasks(nn.Module):
         gate_values = gate_values or ("binary" if projected else "soft")
         if gate_values not in GATE_VALUES:
             raise ValueError(f"gate_values={gate_values!r}; expected one of {GATE_VALUES}")
+        # smooth gates won at equal tokens (bench/fidelity.py); the Lagrangian needs sampled ones
+        train_gates = train_gates or ("smooth" if projected else "sampled")
         if train_gates not in TRAIN_GATES:
             raise ValueError(f"train_gates={train_gates!r}; expected one of {TRAIN_GATES}")
         if train_gates == "smooth" and not projected:
