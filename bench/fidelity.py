@@ -14,8 +14,9 @@ continued pretraining), reads the same data and is scored on the same held-out s
                the recipes' defaults
   h  oneshot+kd arm c with the same distillation in its continued pretraining
   i  sampled   arm b with sampled (hard-concrete) gates instead of smooth ones
+  j  sampled+kd arm i with distillation in both stages (arm g with sampled gates)
 
-Distillation is off in every arm but g and h, whatever the recipes say.
+Distillation is off in every arm but g, h and j, whatever the recipes say.
 
     python bench/fidelity.py --preset cpu            # embedded SmolLM2-135M, local corpus, 2 cores
     python bench/fidelity.py --preset gpu            # one GPU, >= 30M tokens per arm
@@ -50,13 +51,17 @@ ARMS = {
     "g": "arm b + distillation (the defaults)",
     "h": "one-shot importance + continued with distillation",
     "i": "arm b with sampled gates",
+    "j": "arm g with sampled gates",
 }
-# Continued-pretraining lr per arm: each arm's best of {1e-4, 2e-4, 5e-4, 1e-3} where measured
-# (b, c, g, h; see bench/results/fidelity-cpu.md). A model from learned masks has already trained at
-# the target shape and loses ground when a fresh optimizer re-warms to a high lr; a one-shot slice,
-# a random slice or a random init need the large steps. The others take their kind's value.
-CONTINUE_LR = {"a": 5e-4, "b": 1e-4, "c": 5e-4, "d": 5e-4, "e": 5e-4, "f": 1e-4, "g": 1e-4, "h": 5e-4, "i": 1e-4}
-PRUNING_ARMS = ("a", "b", "f", "g", "i")
+# Continued-pretraining lr per arm: each arm's best of the lrs tried for it (b, c, g, h, i; the
+# sweep is in bench/results/fidelity-cpu.md). Without distillation, a model from learned masks has
+# already trained at the target shape and loses ground when a fresh optimizer re-warms to a high lr;
+# a one-shot slice, a random slice or a random init need the large steps. With distillation both
+# kinds did best at 5e-4. Untried arms take the value of their kind.
+CONTINUE_LR = {"a": 5e-4, "b": 1e-4, "c": 5e-4, "d": 5e-4, "e": 5e-4, "f": 1e-4, "g": 5e-4, "h": 5e-4, "i": 5e-4,
+               "j": 5e-4}
+PRUNING_ARMS = ("a", "b", "f", "g", "i", "j")
+DISTILLING_ARMS = ("g", "h", "j")
 TARGET = {"num_layers": 24, "hidden_size": 512, "num_attention_heads": 6, "num_key_value_heads": 3,
           "intermediate_size": 1024}
 
@@ -204,9 +209,9 @@ def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], wo
             prune_over += ["pruning.schedule=lagrangian", "pruning.mask_init=uniform", "pruning.mask_betas=null"]
         if arm == "f":
             prune_over += ["dynamic_loading=null"]
-        if arm == "i":
+        if arm in ("i", "j"):
             prune_over += ["pruning.train_gates=sampled"]
-        prune_over += teacher if arm == "g" else ["distillation=null"]
+        prune_over += teacher if arm in DISTILLING_ARMS else ["distillation=null"]
         res["prune_wall_s"] = run_stage("yamls/demo/prune_smollm2.yaml", common + prune_over, d / "prune.log")
         res["curve"] += eval_curve(d / "prune" / "metrics.jsonl", 0, p.prune_batch * p.seq_len)
         start, offset = d / "pruned_hf", p.prune_tokens
@@ -223,7 +228,7 @@ def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], wo
     cont_over = [f"model.source={start}", f"max_duration={cont_steps}ba", f"save_folder={d / 'continue'}",
                  f"global_train_batch_size={p.continue_batch}", f"hf_save_dir={d / 'final_hf'}", "save_overwrite=true",
                  f"optimizer.lr={CONTINUE_LR[arm]}"]
-    cont_over += teacher if arm in ("g", "h") else ["distillation=null"]
+    cont_over += teacher if arm in DISTILLING_ARMS else ["distillation=null"]
     if arm == "f":
         cont_over += ["dynamic_loading=null"]
     res["continue_wall_s"] = run_stage("yamls/demo/continue_smollm2.yaml", common + cont_over, d / "continue.log")
@@ -302,6 +307,10 @@ def write_report(results: list[dict], refs: list[float], p: Preset, preset: str,
         L.append(f"- learned masks (b) vs one-shot + continued (c), no distillation in either: after continued "
                  f"{by['c']['final_mean'] - by['b']['final_mean']:+.3f} nats in favour of b; after pruning alone "
                  f"{by['c']['pruned_mean'] - by['b']['pruned_mean']:+.3f}.")
+        if by["b"].get("continue_seeds") and by["c"].get("continue_seeds"):
+            mb, mc = (sum(by[k]["continue_seeds"].values()) / len(by[k]["continue_seeds"]) for k in "bc")
+            L.append(f"  Over the continued stage's seeds (below): b {mb:.3f}, c {mc:.3f}, {mc - mb:+.3f} in favour of b, "
+                     f"less than either arm's seed range: the single-seed margin above is mostly the data order.")
     if "g" in by and "h" in by:
         L.append(f"- defaults (g) vs one-shot + continued, both distilling (h): after continued "
                  f"{by['h']['final_mean'] - by['g']['final_mean']:+.3f} nats in favour of g; after pruning alone "
@@ -318,6 +327,13 @@ def write_report(results: list[dict], refs: list[float], p: Preset, preset: str,
     if "b" in by and "i" in by:
         L.append(f"- sampled gates (i) minus smooth gates (b): after pruning {by['i']['pruned_mean'] - by['b']['pruned_mean']:+.3f} "
                  f"nats, after continued {by['i']['final_mean'] - by['b']['final_mean']:+.3f}.")
+    if "g" in by and "j" in by:
+        L.append(f"- with distillation, sampled gates (j) minus smooth gates (g): after pruning "
+                 f"{by['j']['pruned_mean'] - by['g']['pruned_mean']:+.3f} nats, after continued "
+                 f"{by['j']['final_mean'] - by['g']['final_mean']:+.3f}.")
+    if "h" in by and "j" in by:
+        L.append(f"- one-shot + continued with distillation (h) minus arm j: after continued "
+                 f"{by['h']['final_mean'] - by['j']['final_mean']:+.3f} nats.")
     if "b" in by and "g" in by:
         L.append(f"- distillation (g) minus none (b): {by['g']['final_mean'] - by['b']['final_mean']:+.3f} nats "
                  f"(wall {by['g']['wall_s']:.0f} s vs {by['b']['wall_s']:.0f} s).")
@@ -330,6 +346,15 @@ def write_report(results: list[dict], refs: list[float], p: Preset, preset: str,
                      f"{r['prune_max_mean']:.3f})" if r.get("prune_max_mean") is not None else "")
             L.append(f"- arm {r['arm']} pruning: LM train loss first {r['prune_first_loss']:.3f}, max "
                      f"{r['prune_max_loss']:.3f}{means}; expected params {where}.")
+    seeded = [r for r in results if r.get("continue_seeds")]
+    if seeded:
+        L.append("\nSeed spread of the continued stage alone (same pruned model, same lr; the seed moves the "
+                 "data order), mean eval loss after continued:\n")
+        for r in seeded:
+            v = sorted(r["continue_seeds"].items())
+            vals = [x for _, x in v]
+            L.append(f"- arm {r['arm']}: " + ", ".join(f"seed {k}: {x:.3f}" for k, x in v)
+                     + f"; mean {sum(vals) / len(vals):.3f}, range {max(vals) - min(vals):.3f}")
     swept = [r for r in results if r.get("lr_sweep")]
     if swept:
         L.append("\nContinued lr, mean eval loss after continued pretraining at each lr tried (same pruned model, "
