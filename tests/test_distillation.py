@@ -279,7 +279,9 @@ full = sum(p.numel() for p in tiny_model(seed=2).parameters())
 units = sum(isinstance(m, FSDP) for m in algo.teacher.modules())
 ok = isinstance(algo.teacher, FSDP) and units == tiny_model(seed=2).config.num_hidden_layers + 1 and local * 2 == full and (got - ref).abs().max() < 1e-5
 ok = ok and not got.requires_grad and all(p.grad is None for p in student.parameters())
-print("FSDP-TEACHER", units, local, full, float((got - ref).abs().max()), flush=True)
+# one os.write per rank: a pipe write this small is atomic, so the two ranks' lines never interleave
+import os
+os.write(1, f"FSDP-TEACHER {units} {local} {full} {float((got - ref).abs().max())}\n".encode())
 sys.exit(0 if ok else 1)
 '''
 
