@@ -53,6 +53,8 @@ def test_valid_config_resolves_the_target(mds, tmp_path):
     (["max_seq_len=64"], "max_seq_len", "32 tokens"),
     (["data.local=/no/such/data"], "data.local", "/no/such/data"),
     (["model.config.shape=nope"], "model.config.shape", "unknown shape"),
+    (["pruning.train_gates=noisy"], "pruning.train_gates", "'sampled' or 'smooth'"),
+    (["pruning.schedule=lagrangian", "pruning.train_gates=smooth"], "pruning.train_gates", "needs pruning.schedule"),
 ])
 def test_bad_config_names_key(mds, tmp_path, overrides, key, needle):
     with pytest.raises(ConfigError) as err:
