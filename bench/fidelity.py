@@ -194,14 +194,15 @@ def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], wo
     teacher = [f"distillation.teacher={src_dir}", "distillation.alpha=0.5"]
     res: dict = {"arm": arm, "label": ARMS[arm], "curve": []}
     t0 = time.time()
-    cont_steps = p.continue_steps
+    # pruning arms spend part of the tokens pruning; the others continue for all of them
+    pruning = arm in PRUNING_ARMS
+    cont_steps = p.continue_steps if pruning else p.total_tokens // (p.continue_batch * p.seq_len)
+    offset = p.prune_tokens if pruning else 0
+    start = d / "pruned_hf"
     if reuse:
         res.update({k: v for k, v in reuse.items() if k.startswith("prune")})
-        res["curve"] = [c for c in reuse["curve"] if c[0] < p.prune_tokens] if arm in PRUNING_ARMS else []
-        start, offset = d / "pruned_hf", p.prune_tokens if arm in PRUNING_ARMS else 0
-        if arm not in PRUNING_ARMS:
-            cont_steps = p.total_tokens // (p.continue_batch * p.seq_len)
-    elif arm in PRUNING_ARMS:
+        res["curve"] = [c for c in reuse["curve"] if c[0] < p.prune_tokens] if pruning else []
+    elif pruning:
         prune_over = [f"model.source={src_dir}", f"max_duration={p.prune_steps}ba", f"save_folder={d / 'prune'}",
                       f"global_train_batch_size={p.prune_batch}", f"hf_save_dir={d / 'pruned_hf'}",
                       "pruning.eval_shape=target", "save_overwrite=true"]
@@ -214,15 +215,11 @@ def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], wo
         prune_over += teacher if arm in DISTILLING_ARMS else ["distillation=null"]
         res["prune_wall_s"] = run_stage("yamls/demo/prune_smollm2.yaml", common + prune_over, d / "prune.log")
         res["curve"] += eval_curve(d / "prune" / "metrics.jsonl", 0, p.prune_batch * p.seq_len)
-        start, offset = d / "pruned_hf", p.prune_tokens
+    elif arm in ("c", "d", "h"):
+        start = oneshot_run(src_dir, start, TARGET, "random" if arm == "d" else "importance",
+                            data=str(mds), domains=list(DOMAINS), calib_batches=8, batch_size=4, seed=0)
     else:
-        cont_steps = p.total_tokens // (p.continue_batch * p.seq_len)
-        offset = 0
-        if arm in ("c", "d", "h"):
-            start = oneshot_run(src_dir, d / "pruned_hf", TARGET, "random" if arm == "d" else "importance",
-                                data=str(mds), domains=list(DOMAINS), calib_batches=8, batch_size=4, seed=0)
-        else:
-            start = random_init_dir(src_dir, TARGET, d / "pruned_hf", seed=0)
+        start = random_init_dir(src_dir, TARGET, start, seed=0)
     res["pruned"] = domain_losses(start, mds, DOMAINS, eval_batches, 8, desc=f"{arm} pruned")
     res["curve"].append((offset, sum(res["pruned"].values()) / len(DOMAINS)))
     cont_over = [f"model.source={start}", f"max_duration={cont_steps}ba", f"save_folder={d / 'continue'}",
@@ -236,7 +233,7 @@ def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], wo
     res["final"] = domain_losses(d / "final_hf", mds, DOMAINS, eval_batches, 8, desc=f"{arm} final")
     res["curve"].append((p.total_tokens, sum(res["final"].values()) / len(DOMAINS)))
     res["continue_lr"] = CONTINUE_LR[arm]
-    res["tokens"] = (p.prune_tokens if arm in PRUNING_ARMS else 0) + cont_steps * p.continue_batch * p.seq_len
+    res["tokens"] = offset + cont_steps * p.continue_batch * p.seq_len
     res["wall_s"] = time.time() - t0 + (reuse.get("prune_wall_s", 0.0) if reuse else 0.0)
     for key in ("pruned", "final"):
         res[f"{key}_mean"] = sum(res[key].values()) / len(DOMAINS)

@@ -22,14 +22,17 @@ def sample_gates(log_alpha: torch.Tensor, temperature: float = TEMPERATURE,
     `noise`: uniform draws in [0, 1) shaped like log_alpha; from the global RNG when None."""
     u = torch.rand_like(log_alpha) if noise is None else noise.to(log_alpha.dtype)
     u = u.clamp(EPS, 1 - EPS)
-    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / temperature)
-    return (s * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0.0, 1.0)
+    return _stretch(torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / temperature))
 
 
 def smooth_gates(log_alpha: torch.Tensor, temperature: float | torch.Tensor = TEMPERATURE) -> torch.Tensor:
     """Noise-free gates: the hard-concrete gate at its median draw (u = 1/2), so 0 below
     log_alpha = -temperature * ln 11, 1 above +temperature * ln 11 and fractional in between."""
-    s = torch.sigmoid(log_alpha / temperature)
+    return _stretch(torch.sigmoid(log_alpha / temperature))
+
+
+def _stretch(s: torch.Tensor) -> torch.Tensor:
+    """A concrete sample in (0, 1) stretched to (l, r) and clamped back: exact 0s and 1s."""
     return (s * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0.0, 1.0)
 
 

@@ -201,7 +201,8 @@ class ShearingMasks(nn.Module):
 
     @torch.no_grad()
     def row_shifts(self) -> dict[str, torch.Tensor]:
-        """Per row, the shift c with mean(P(z > 0 | log_alpha + c)) == the warm-up target fraction.
+        """Per row, the shift c with mean(keep(log_alpha + c)) == the warm-up target fraction, where
+        keep is P(z > 0) for sampled gates and the gate value for smooth ones (see _keep).
 
         This is the exact projection of the expected size onto the warm-up target: the LM gradient
         only orders the units of a row, the schedule alone decides how many are expected to stay.
@@ -233,18 +234,18 @@ class ShearingMasks(nn.Module):
     def forward(self) -> dict[str, torch.Tensor | None]:
         """Draw this forward pass's gates (train) or the deterministic ones (eval) and derive the
         per-layer multipliers the model hooks read. In training also computes the Lagrangian."""
-        if self.training and self.train_gates == "smooth":
-            # No noise: units fade out in rank order while the warm-up runs; once it is over the
-            # gates are the exact final top-k, so the rest of the stage trains the sliced model.
-            # (torch.where, not an `if`: the progress is a tensor so a compiled model does not recompile)
+        if self.training:
             eff = self.effective_log_alpha()
-            done = self.warmup_progress >= 1
-            z = {n: torch.where(done, topk_gates(eff[n].detach().float(), st.target, binary=True),
-                                self._keep(eff[n].float())) for n, st in self.structures.items()}
-        elif self.training:
-            eff = self.effective_log_alpha()
-            noise = self._noise()
-            z = {n: sample_gates(la.float(), self.temperature, noise[n]) for n, la in eff.items()}
+            if self.train_gates == "smooth":
+                # No noise: units fade out in rank order while the warm-up runs; once it is over the
+                # gates are the exact final top-k, so the rest of the stage trains the sliced model.
+                # (torch.where, not an `if`: the progress is a tensor, so a compiled model does not recompile)
+                done = self.warmup_progress >= 1
+                z = {n: torch.where(done, topk_gates(eff[n].detach().float(), st.target, binary=True),
+                                    self._keep(eff[n].float())) for n, st in self.structures.items()}
+            else:
+                noise = self._noise()
+                z = {n: sample_gates(la.float(), self.temperature, noise[n]) for n, la in eff.items()}
         else:
             z = self._deterministic_all()
         self.current = self._multipliers(z)
