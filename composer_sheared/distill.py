@@ -23,7 +23,8 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-__all__ = ["apply_distillation", "frozen_copy", "kd_loss", "kd_token_mask", "load_teacher", "teacher_logits"]
+__all__ = ["apply_distillation", "frozen_copy", "kd_loss", "kd_token_mask", "load_teacher", "teacher_ce",
+           "teacher_logits"]
 
 CHUNK_TOKENS = 1024  # fp32 buffers of CHUNK_TOKENS x vocab: 1024 x 128k x 4 B = 0.5 GiB each
 
@@ -102,6 +103,22 @@ def kd_token_mask(batch: Mapping[str, Any], seq_len: Optional[int] = None) -> Op
     return None if att is None else att.to(torch.bool)
 
 
+@torch.no_grad()
+def teacher_ce(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the causal LM cross-entropy, number of tokens) of `logits` [batch, seq, vocab]
+    against HF-style `labels` (position t predicts labels[t + 1]; -100 is ignored), in fp32 chunks
+    of rows. Used to score the frozen source on the student's batch: the student's loss minus this
+    is the damage pruning has done, free of which domains the batch happened to draw."""
+    vocab = logits.shape[-1]
+    rows = logits[..., :-1, :].reshape(-1, vocab)
+    target = labels[..., 1:].reshape(-1).to(rows.device)
+    total = torch.zeros((), dtype=torch.float32, device=rows.device)
+    for a in range(0, rows.shape[0], chunk_tokens):
+        total += torch.nn.functional.cross_entropy(rows[a:a + chunk_tokens].float(), target[a:a + chunk_tokens],
+                                                   ignore_index=-100, reduction="sum")
+    return total, (target != -100).sum().to(total)
+
+
 def _freeze(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
@@ -166,9 +183,12 @@ def apply_distillation(loss: torch.Tensor, ce_loss: torch.Tensor, student_logits
     """Functional form: returns ``(loss - alpha * ce_loss + alpha * kd, kd)``.
 
     `loss` is the training loss as it stands (the LM cross-entropy `ce_loss`, plus e.g. the
-    pruning Lagrangian), `teacher` a frozen model run on `batch` here or its logits."""
+    pruning Lagrangian), `teacher` a frozen model run on `batch` here or its logits. alpha 0
+    returns `loss` itself and a KD value without a gradient (the teacher only watches)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"distillation alpha={alpha!r}: expected a value in [0, 1]")
     t_logits = teacher if isinstance(teacher, torch.Tensor) else teacher_logits(teacher, batch)
+    if alpha == 0.0:
+        student_logits = student_logits.detach()
     kd = kd_loss(student_logits, t_logits, temperature, kd_token_mask(batch), chunk_tokens)
-    return loss - alpha * ce_loss + alpha * kd, kd
+    return (loss if alpha == 0.0 else loss - alpha * ce_loss + alpha * kd), kd

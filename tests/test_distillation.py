@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from composer.loggers import InMemoryLogger
 
 from composer_sheared.algorithms import Distillation, ShearingPruning, find_hf_model
-from composer_sheared.distill import apply_distillation, frozen_copy, kd_loss, kd_token_mask, load_teacher
+from composer_sheared.distill import (apply_distillation, frozen_copy, kd_loss, kd_token_mask, load_teacher, teacher_ce,
+                                      teacher_logits)
 from composer_sheared.pruning import apply_shearing
 from tests.conftest import TARGET, TokenDataset
 from tests.conftest import randomize_masks, tiny_model
@@ -116,6 +117,50 @@ def test_frozen_copy_strips_masks_and_leaves_the_student_masked():
     assert (s - d).abs().max() > 1e-3  # the student is still masked
     assert teacher.model.layers[0].self_attn.o_proj.weight.data_ptr() != \
         student.model.layers[0].self_attn.o_proj.weight.data_ptr()
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 4096])
+def test_teacher_ce_matches_transformers_loss(chunk):
+    """The teacher's CE on a batch is the loss HF computes for it (shifted labels, -100 ignored)."""
+    teacher = load_teacher(tiny_model(seed=3))
+    ids = torch.randint(0, 96, (2, 9))
+    labels = ids.clone()
+    labels[0, 4:] = -100
+    out = teacher(input_ids=ids, labels=labels)
+    total, n = teacher_ce(teacher_logits(teacher, {"input_ids": ids}), labels, chunk_tokens=chunk)
+    assert int(n) == 3 + 8 and total.item() / n.item() == pytest.approx(out.loss.item(), rel=1e-5)
+
+
+def test_alpha_zero_only_watches():
+    """alpha 0: the loss and the gradient are the LM loss's own, and the KD value comes without a
+    gradient."""
+    student, teacher = tiny_model(seed=1), load_teacher(tiny_model(seed=2))
+    ids = torch.randint(0, 96, (2, 9))
+    batch = {"input_ids": ids, "labels": ids}
+    out = student(**batch)
+    total, kd = apply_distillation(out.loss, out.loss, out.logits, teacher, batch, alpha=0.0)
+    assert total is out.loss and kd.item() > 0 and not kd.requires_grad
+
+
+def test_monitor_logs_the_excess_over_the_teacher_and_changes_no_step():
+    """Distillation(alpha=0) with pruning: the run's losses and weights are those of the same run
+    without it, and it logs the teacher's CE on each batch and the student's excess over it."""
+    runs = {}
+    for name, extra in (("plain", []), ("watched", [Distillation(teacher="copy", alpha=0.0)])):
+        logger = InMemoryLogger()
+        trainer, _ = make_trainer(max_duration="4ba", warmup="2ba", loggers=[logger], extra_algorithms=extra)
+        trainer.fit()
+        w = find_hf_model(trainer.state.model).model.layers[0].mlp.up_proj.weight.detach().clone()
+        runs[name] = ([float(v) for _, v in logger.data["loss/train/total"]], w, logger.data)
+    assert runs["watched"][0] == runs["plain"][0]
+    assert torch.equal(runs["watched"][1], runs["plain"][1])
+    data = runs["watched"][2]
+    ce, t_ce, excess = ([float(v) for _, v in data[f"distill/{k}"]] for k in ("ce_loss", "teacher_ce_loss", "excess_loss"))
+    assert len(excess) == 4
+    for c, t, e in zip(ce, t_ce, excess):
+        assert e == pytest.approx(c - t, abs=1e-5)
+    assert excess[0] > 0.0  # the masked student is behind its own dense source from the first step
+    assert len(set(t_ce)) == 4 and min(t_ce) > 1.0  # the frozen teacher scores each batch
 
 
 def test_load_teacher_from_a_directory(tmp_path):

@@ -5,7 +5,14 @@ INIT        build the frozen teacher: a copy of the student as it is now (before
 FIT_START   move it to the student's device (and dtype), or shard it with the student's FSDP config
 AFTER_LOSS  run the teacher on the microbatch (no grad, same autocast as the student) and
             replace alpha * CE by alpha * KD in the loss; other terms (the Lagrangian) stay as they are
-BATCH_END   log distill/kd_loss and distill/ce_loss (token-weighted mean over the microbatches)
+BATCH_END   log distill/kd_loss, distill/ce_loss, distill/teacher_ce_loss (the frozen teacher's own
+            LM loss on the same batch) and distill/excess_loss (student CE minus teacher CE), each
+            a token-weighted mean over the microbatches
+
+alpha 0 trains on the LM loss alone and keeps the teacher as a monitor: the excess loss is how far
+pruning has pushed the student from the source on the very batch it trains on, which the raw
+training loss cannot say (it moves by a nat with the domains a small batch draws, and dynamic
+batch loading shifts the mix towards the harder domains as it goes).
 
 The teacher is an attribute of this object, not a submodule of the model: the optimizer never
 sees it and Composer's checkpoints (model, optimizer, algorithm state_dict) do not hold it.
@@ -24,7 +31,7 @@ from torch import nn
 
 from composer_sheared.algorithms.shearing_pruning import find_hf_model
 from composer_sheared.distill import (CHUNK_TOKENS, apply_distillation, frozen_copy, kd_token_mask, load_teacher,
-                                      teacher_logits)
+                                      teacher_ce, teacher_logits)
 
 __all__ = ["Distillation", "apply_distillation"]
 
@@ -43,7 +50,8 @@ class Distillation(Algorithm):
     Args:
         teacher: ``"copy"`` (the student at Event.INIT without pruning masks: in a pruning run,
             the source model), a HF model directory, or a model (frozen in place).
-        alpha: weight of the KD term; 1 - alpha weights the LM cross-entropy.
+        alpha: weight of the KD term; 1 - alpha weights the LM cross-entropy. 0: the teacher only
+            monitors (the excess loss is logged, the loss is untouched).
         temperature: softmax temperature of both distributions; the KD term is scaled by T^2.
         teacher_dtype: e.g. ``"bfloat16"`` to halve the teacher's memory (default: the student's).
         chunk_tokens: tokens per fp32 chunk of the KL computation.
@@ -63,7 +71,7 @@ class Distillation(Algorithm):
         self.teacher_dtype, self.chunk_tokens = teacher_dtype, int(chunk_tokens)
         self.teacher: Optional[nn.Module] = None
         self._placed = False
-        self._sums: Optional[torch.Tensor] = None  # kd * tokens, ce * tokens, tokens over the microbatches
+        self._sums: Optional[torch.Tensor] = None  # kd, ce, teacher ce (each x tokens), tokens: microbatch sums
 
     def __repr__(self) -> str:  # goes into the checkpoint's algorithm state: no weights, no model repr
         spec = self.teacher_spec if isinstance(self.teacher_spec, (str, Path)) else type(self.teacher_spec).__name__
@@ -91,9 +99,10 @@ class Distillation(Algorithm):
             self._after_loss(state)
         elif event == Event.BATCH_END:
             if self._sums is not None:
-                kd, ce, n = self._sums.tolist()  # one device sync per batch
+                kd, ce, t_ce, n = self._sums.tolist()  # one device sync per batch
                 if n > 0:
-                    logger.log_metrics({"distill/kd_loss": kd / n, "distill/ce_loss": ce / n})
+                    logger.log_metrics({"distill/kd_loss": kd / n, "distill/ce_loss": ce / n,
+                                        "distill/teacher_ce_loss": t_ce / n, "distill/excess_loss": (ce - t_ce) / n})
             self._sums = None
 
     def _place(self, state: State) -> None:
@@ -149,5 +158,6 @@ class Distillation(Algorithm):
             state.loss = total
         mask = kd_token_mask(batch)
         n = mask.sum().to(kd) if mask is not None else kd.new_tensor(float(outputs["logits"].shape[:-1].numel()))
-        sums = torch.stack([kd.detach() * n, ce.detach().float() * n, n])
+        t_ce, _ = teacher_ce(t_logits, batch["labels"], self.chunk_tokens)  # labels: ce exists, checked above
+        sums = torch.stack([kd.detach() * n, ce.detach().float() * n, t_ce, n])
         self._sums = sums if self._sums is None else self._sums + sums
