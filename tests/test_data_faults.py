@@ -157,3 +157,45 @@ def test_stale_temp_dirs_only_of_dead_owners_on_this_host_are_removed(tmp_path):
         (tmp / "f").write_text("x")
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted(["out", names["live"], names["other_host"], names["other_dir"]])
+
+
+class _RacingSharedMemory:
+    """Streaming's SharedMemory as seen by a job that loses the race for a prefix: the first create
+    of a '_locals' block finds it already made by another job."""
+
+    def __init__(self, real, fail_with):
+        self.real, self.fail_with, self.creates = real, fail_with, 0
+
+    def __call__(self, name, create=False, *args, **kwargs):
+        if create and name.endswith("_locals"):
+            self.creates += 1
+            if self.creates == 1:
+                raise FileExistsError(17, "File exists", self.fail_with or "/" + name)  # as the OS names it
+        return self.real(name, create, *args, **kwargs)
+
+
+def test_eval_dataset_retries_a_lost_shared_memory_race(root, monkeypatch):
+    import streaming.base.shared.prefix as prefix
+
+    racing = _RacingSharedMemory(prefix.SharedMemory, None)
+    monkeypatch.setattr(prefix, "SharedMemory", racing)
+    ev = domain_eval_dataset(str(root), "b", batch_size=4)
+    assert racing.creates == 2  # lost once, then took the next free prefix
+    assert len(list(DataLoader(ev, batch_size=4))) == 5
+
+
+def test_shared_memory_race_is_not_retried_when_it_is_not_one(root, monkeypatch):
+    """A FileExistsError about something other than a Streaming block passes through; under
+    torch.distributed the race is an error that says what happened (a retry would pair the
+    ranks' barriers wrongly)."""
+    import streaming.base.shared.prefix as prefix
+
+    import composer_sheared.data.eval as data_eval
+
+    monkeypatch.setattr(prefix, "SharedMemory", _RacingSharedMemory(prefix.SharedMemory, "/tmp/some_file"))
+    with pytest.raises(FileExistsError, match="some_file"):
+        domain_eval_dataset(str(root), "b", batch_size=4)
+    monkeypatch.setattr(prefix, "SharedMemory", _RacingSharedMemory(prefix.SharedMemory.real, None))
+    monkeypatch.setattr(data_eval, "_distributed", lambda: True)
+    with pytest.raises(RuntimeError, match="another job on this host"):
+        domain_eval_dataset(str(root), "b", batch_size=4)

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+import random
+import re
+import time
+from typing import Any, Callable, Optional
 
 from streaming import StreamingDataset
 
@@ -59,7 +62,37 @@ def domain_eval_dataset(local: str, domain: str, split: str = "eval", remote: Op
         raise FileNotFoundError(f"domain {domain!r} split {split!r}: no MDS index at "
                                 f"{os.path.join(dom_local, 'index.json')} (run data_prep/tokenize_domains.py)")
     streaming_kwargs.setdefault("shuffle", False)
-    return TokenStreamingDataset(local=dom_local, remote=dom_remote, batch_size=batch_size, domain_id=domain_id,
-                                 name=f"domain {domain!r} split {split!r}", verify=verify,
-                                 vocab_size=vocab_size if vocab_size is not None else data_vocab_size(local),
-                                 **streaming_kwargs)
+    vocab_size = vocab_size if vocab_size is not None else data_vocab_size(local)
+    return _retrying_shm_race(lambda: TokenStreamingDataset(
+        local=dom_local, remote=dom_remote, batch_size=batch_size, domain_id=domain_id,
+        name=f"domain {domain!r} split {split!r}", verify=verify, vocab_size=vocab_size, **streaming_kwargs))
+
+
+SHM_ATTEMPTS = 5
+
+
+def _distributed() -> bool:
+    import torch.distributed as tdist
+
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def _retrying_shm_race(make: Callable[[], Any], attempts: int = SHM_ATTEMPTS) -> Any:
+    """Streaming picks a free shared-memory prefix by looking, then creating it: two jobs on one host
+    that build datasets in the same instant can pick the same one, and the second dies with
+    FileExistsError '/000NNN_locals' (mosaicml/streaming#884). Alone in its process group a job can
+    simply try again, and the next look sees the prefix taken. Under torch.distributed the ranks
+    meet at barriers inside that call, and a retry on one rank would pair the wrong barriers, so
+    there the error is re-raised with what to do."""
+    for attempt in range(attempts):
+        try:
+            return make()
+        except FileExistsError as e:
+            if not re.search(r"/?\d{6}_[a-z_]+", str(e)):
+                raise
+            if _distributed():
+                raise RuntimeError(f"Streaming's shared-memory prefix was taken by another job on this host at the same "
+                                   f"moment ({e}); relaunch, or start jobs on one host a few seconds apart") from e
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 + random.random())  # de-synchronise from the other job
