@@ -170,9 +170,10 @@ def random_init_dir(src_dir: Path, target: dict, out: Path, seed: int) -> Path:
 
 
 def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], work: Path,
-            reuse: Optional[dict] = None) -> dict:
+            reuse: Optional[dict] = None, seeds: tuple[int, ...] = ()) -> dict:
     """One arm. `reuse`: this arm's earlier result, whose pruned model (work/<arm>/pruned_hf) is kept
-    and only continued again (e.g. with another continued lr)."""
+    and only continued again (e.g. with another continued lr). `seeds`: extra seeds for the
+    continued stage alone (the recipe's seed 17 is the table's run)."""
     from composer_sheared.domain_loss import domain_losses
     from composer_sheared.oneshot import run as oneshot_run
 
@@ -181,6 +182,8 @@ def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], wo
     if reuse:
         shutil.rmtree(d / "continue", ignore_errors=True)
         shutil.rmtree(d / "final_hf", ignore_errors=True)
+        for old in d.glob("seed*"):
+            shutil.rmtree(old)
     else:
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
@@ -212,7 +215,9 @@ def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], wo
             prune_over += ["dynamic_loading=null"]
         if arm in ("i", "j"):
             prune_over += ["pruning.train_gates=sampled"]
-        prune_over += teacher if arm in DISTILLING_ARMS else ["distillation=null"]
+        # the arms that do not distil still run the source alongside, as a monitor only (alpha 0: the
+        # run is the same), to log the student's excess loss over it on each training batch
+        prune_over += teacher if arm in DISTILLING_ARMS else [teacher[0], "distillation.alpha=0"]
         res["prune_wall_s"] = run_stage("yamls/demo/prune_smollm2.yaml", common + prune_over, d / "prune.log")
         res["curve"] += eval_curve(d / "prune" / "metrics.jsonl", 0, p.prune_batch * p.seq_len)
     elif arm in ("c", "d", "h"):
@@ -222,16 +227,15 @@ def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], wo
         start = random_init_dir(src_dir, TARGET, start, seed=0)
     res["pruned"] = domain_losses(start, mds, DOMAINS, eval_batches, 8, desc=f"{arm} pruned")
     res["curve"].append((offset, sum(res["pruned"].values()) / len(DOMAINS)))
-    cont_over = [f"model.source={start}", f"max_duration={cont_steps}ba", f"save_folder={d / 'continue'}",
-                 f"global_train_batch_size={p.continue_batch}", f"hf_save_dir={d / 'final_hf'}", "save_overwrite=true",
-                 f"optimizer.lr={CONTINUE_LR[arm]}"]
-    cont_over += teacher if arm in DISTILLING_ARMS else ["distillation=null"]
-    if arm == "f":
-        cont_over += ["dynamic_loading=null"]
-    res["continue_wall_s"] = run_stage("yamls/demo/continue_smollm2.yaml", common + cont_over, d / "continue.log")
-    res["curve"] += eval_curve(d / "continue" / "metrics.jsonl", offset, p.continue_batch * p.seq_len)
-    res["final"] = domain_losses(d / "final_hf", mds, DOMAINS, eval_batches, 8, desc=f"{arm} final")
+    res["final"], res["continue_wall_s"], curve = continue_stage(arm, start, d, common, teacher, cont_steps, p, offset,
+                                                                 mds)
+    res["curve"] += curve
     res["curve"].append((p.total_tokens, sum(res["final"].values()) / len(DOMAINS)))
+    if seeds:  # the continued stage again from the same pruned model, with other data orders
+        res["continue_seeds"] = {str(recipe_seed()): sum(res["final"].values()) / len(DOMAINS)}
+        for seed in seeds:
+            final, _, _ = continue_stage(arm, start, d, common, teacher, cont_steps, p, offset, mds, seed=seed)
+            res["continue_seeds"][str(seed)] = sum(final.values()) / len(DOMAINS)
     res["continue_lr"] = CONTINUE_LR[arm]
     res["tokens"] = offset + cont_steps * p.continue_batch * p.seq_len
     res["wall_s"] = time.time() - t0 + (reuse.get("prune_wall_s", 0.0) if reuse else 0.0)
@@ -244,10 +248,40 @@ def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], wo
     return res
 
 
+def recipe_seed() -> int:
+    from omegaconf import OmegaConf
+
+    return int(OmegaConf.load(REPO / "yamls" / "demo" / "continue_smollm2.yaml").seed)
+
+
+def continue_stage(arm: str, start: Path, d: Path, common: list[str], teacher: list[str], steps: int, p: Preset,
+                   offset: int, mds: Path, seed: Optional[int] = None) -> tuple[dict, float, list]:
+    """One arm's continued pretraining from `start` (`teacher`: the distillation overrides, used by
+    the distilling arms only). Returns (per-domain final losses, wall time, in-training eval curve).
+    A `seed` other than the recipe's runs in its own folder, d/seed<N>."""
+    from composer_sheared.domain_loss import domain_losses
+
+    sub = d if seed is None else d / f"seed{seed}"
+    sub.mkdir(parents=True, exist_ok=True)
+    over = [f"model.source={start}", f"max_duration={steps}ba", f"save_folder={sub / 'continue'}",
+            f"global_train_batch_size={p.continue_batch}", f"hf_save_dir={sub / 'final_hf'}", "save_overwrite=true",
+            f"optimizer.lr={CONTINUE_LR[arm]}"]
+    over += teacher if arm in DISTILLING_ARMS else ["distillation=null"]
+    if seed is not None:
+        over.append(f"seed={seed}")
+    if arm == "f":
+        over += ["dynamic_loading=null"]
+    wall = run_stage("yamls/demo/continue_smollm2.yaml", common + over, sub / "continue.log")
+    curve = eval_curve(sub / "continue" / "metrics.jsonl", offset, p.continue_batch * p.seq_len)
+    desc = f"{arm} final" + ("" if seed is None else f" seed {seed}")
+    return domain_losses(sub / "final_hf", mds, DOMAINS, max(1, p.eval_sequences // 8), 8, desc=desc), wall, curve
+
+
 def prune_loss_stats(metrics: Path, window: int = 5) -> dict:
     """The pruning stage's LM training loss: first and max per batch, and first and max of its
-    `window`-batch running mean (one 512-token batch swings by +-1 nat with the domain it draws),
-    plus the lowest stray of the expected size below the warm-up target."""
+    `window`-batch running mean (one 512-token batch swings by +-1 nat with the domain it draws);
+    the same for the gap to the source on the same batch (the teacher monitor's excess loss);
+    and the lowest stray of the expected size below the warm-up target."""
     from composer_sheared.report import read_jsonl, series
 
     recs = read_jsonl(metrics)
@@ -255,10 +289,15 @@ def prune_loss_stats(metrics: Path, window: int = 5) -> dict:
     if not loss:
         _, loss = series(recs, "loss/train/total")
     _, stray = series(recs, "shearing/stray")
-    run = [sum(loss[i:i + window]) / window for i in range(len(loss) - window + 1)]
-    return {"prune_first_loss": loss[0] if loss else None, "prune_max_loss": max(loss) if loss else None,
-            "prune_first_mean": run[0] if run else None, "prune_max_mean": max(run) if run else None,
-            "prune_window": window, "prune_min_stray": min(stray) if stray else None}
+    _, gap = series(recs, "distill/excess_loss")
+    out = {"prune_window": window, "prune_min_stray": min(stray) if stray else None}
+    for name, xs in (("loss", loss), ("gap", gap)):
+        run = [sum(xs[i:i + window]) / window for i in range(len(xs) - window + 1)]
+        out.update({f"prune_first_{name}": xs[0] if xs else None, f"prune_max_{name}": max(xs) if xs else None,
+                    f"prune_last_{name}": sum(xs[-window:]) / len(xs[-window:]) if xs else None,
+                    f"prune_first_{name}_mean": run[0] if run else None,
+                    f"prune_max_{name}_mean": max(run) if run else None})
+    return out
 
 
 def plot(results: list[dict], out: Path) -> Path:
@@ -339,10 +378,14 @@ def write_report(results: list[dict], refs: list[float], p: Preset, preset: str,
             low = -100 * r["prune_min_stray"]
             where = (f"fell at most {low:.2f}% of (source - target) below the warm-up target" if low > 0 else
                      f"never fell below the warm-up target (closest {-low:.2f}% of source - target above it)")
-            means = (f" ({r['prune_window']}-batch running mean: first {r['prune_first_mean']:.3f}, max "
-                     f"{r['prune_max_mean']:.3f})" if r.get("prune_max_mean") is not None else "")
+            means = (f" ({r['prune_window']}-batch running mean: first {r['prune_first_loss_mean']:.3f}, max "
+                     f"{r['prune_max_loss_mean']:.3f})" if r.get("prune_max_loss_mean") is not None else "")
+            excess = (f"; gap to the source on the same batch (LM loss minus the source's): first "
+                      f"{r['prune_first_gap']:.3f}, max {r['prune_max_gap']:.3f} (running mean max "
+                      f"{r['prune_max_gap_mean']:.3f}), mean of the last {r['prune_window']} {r['prune_last_gap']:.3f}"
+                      if r.get("prune_max_gap") is not None else "")
             L.append(f"- arm {r['arm']} pruning: LM train loss first {r['prune_first_loss']:.3f}, max "
-                     f"{r['prune_max_loss']:.3f}{means}; expected params {where}.")
+                     f"{r['prune_max_loss']:.3f}{means}{excess}; expected params {where}.")
     seeded = [r for r in results if r.get("continue_seeds")]
     if seeded:
         L.append("\nSeed spread of the continued stage alone (same pruned model, same lr; the seed moves the "
@@ -375,7 +418,16 @@ def main(argv=None) -> int:
                     help="only redraw the table and plot from bench/results/fidelity-<preset>.json")
     ap.add_argument("--reuse-pruned", action="store_true",
                     help="keep each rerun arm's pruned model from the last run and redo only its continued pretraining")
+    ap.add_argument("--seeds", default="",
+                    help="extra seeds for the continued stage of each arm run (e.g. 18,19): the data order moves "
+                         "the result by tenths of a nat at the cpu preset's size")
     args = ap.parse_args(argv)
+    try:
+        seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
+    except ValueError:
+        ap.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
+    if recipe_seed() in seeds:
+        ap.error(f"--seeds: {recipe_seed()} is the recipe's own seed, already run")
     if args.from_json:
         payload = json.loads((Path(args.out) / f"fidelity-{args.preset}.json").read_text())
         refs = [payload["source"][d] for d in DOMAINS]
@@ -415,7 +467,8 @@ def main(argv=None) -> int:
             previous = {r["arm"]: r for r in old["arms"]}
     for arm in arms:
         _log(f"arm {arm}: {ARMS[arm]}")
-        results.append(run_arm(arm, p, src, mds, refs, work, previous.get(arm) if args.reuse_pruned else None))
+        results.append(run_arm(arm, p, src, mds, refs, work, previous.get(arm) if args.reuse_pruned else None,
+                               seeds))
         results.sort(key=lambda r: r["arm"])
         # keep what is done: a long run that stops still leaves a table
         payload = {"preset": args.preset, "config": asdict(p), "target": TARGET, "source": source, "arms": results,
