@@ -115,6 +115,9 @@ def plot_pruning_progress(records: list[dict], out: str | os.PathLike) -> Option
     s_ce, ce = series(records, "distill/ce_loss")
     if s_ce:
         top.plot(s_ce, ce, label="LM cross-entropy", alpha=0.8)
+    s_t, t_ce = series(records, "distill/teacher_ce_loss")
+    if s_t:  # the source on the same batches: the distance between the two is what pruning costs
+        top.plot(s_t, t_ce, ":", label="source on the same batch", color="black", alpha=0.7)
     _style(top, "pruning: training loss", "", "loss")
     bottom.plot(s_exp, [v / 1e6 for v in exp], label="expected (masks)")
     if s_wt:
