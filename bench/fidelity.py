@@ -380,10 +380,13 @@ def write_report(results: list[dict], refs: list[float], p: Preset, preset: str,
                      f"never fell below the warm-up target (closest {-low:.2f}% of source - target above it)")
             means = (f" ({r['prune_window']}-batch running mean: first {r['prune_first_loss_mean']:.3f}, max "
                      f"{r['prune_max_loss_mean']:.3f})" if r.get("prune_max_loss_mean") is not None else "")
-            excess = (f"; gap to the source on the same batch (LM loss minus the source's): first "
-                      f"{r['prune_first_gap']:.3f}, max {r['prune_max_gap']:.3f} (running mean max "
-                      f"{r['prune_max_gap_mean']:.3f}), mean of the last {r['prune_window']} {r['prune_last_gap']:.3f}"
-                      if r.get("prune_max_gap") is not None else "")
+            excess = ""
+            if r.get("prune_max_gap") is not None:
+                run_max = r.get("prune_max_gap_mean")
+                excess = (f"; gap to the source on the same batch (LM loss minus the source's): first "
+                          f"{r['prune_first_gap']:.3f}, max {r['prune_max_gap']:.3f}"
+                          + (f" (running mean max {run_max:.3f})" if run_max is not None else "")
+                          + f", mean of the last {r['prune_window']} {r['prune_last_gap']:.3f}")
             L.append(f"- arm {r['arm']} pruning: LM train loss first {r['prune_first_loss']:.3f}, max "
                      f"{r['prune_max_loss']:.3f}{means}{excess}; expected params {where}.")
     seeded = [r for r in results if r.get("continue_seeds")]
