@@ -231,14 +231,16 @@ def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], wo
                                                                  mds)
     res["curve"] += curve
     res["curve"].append((p.total_tokens, sum(res["final"].values()) / len(DOMAINS)))
+    res["wall_s"] = time.time() - t0 + (reuse.get("prune_wall_s", 0.0) if reuse else 0.0)
     if seeds:  # the continued stage again from the same pruned model, with other data orders
+        t1 = time.time()
         res["continue_seeds"] = {str(recipe_seed()): sum(res["final"].values()) / len(DOMAINS)}
         for seed in seeds:
             final, _, _ = continue_stage(arm, start, d, common, teacher, cont_steps, p, offset, mds, seed=seed)
             res["continue_seeds"][str(seed)] = sum(final.values()) / len(DOMAINS)
+        res["seeds_wall_s"] = time.time() - t1
     res["continue_lr"] = CONTINUE_LR[arm]
     res["tokens"] = offset + cont_steps * p.continue_batch * p.seq_len
-    res["wall_s"] = time.time() - t0 + (reuse.get("prune_wall_s", 0.0) if reuse else 0.0)
     for key in ("pruned", "final"):
         res[f"{key}_mean"] = sum(res[key].values()) / len(DOMAINS)
         res[f"{key}_max_excess"] = max(res[key][dom] - r for dom, r in zip(DOMAINS, refs))
@@ -291,6 +293,10 @@ def prune_loss_stats(metrics: Path, window: int = 5) -> dict:
     _, stray = series(recs, "shearing/stray")
     _, gap = series(recs, "distill/excess_loss")
     out = {"prune_window": window, "prune_min_stray": min(stray) if stray else None}
+    _, source = series(recs, "distill/teacher_ce_loss")
+    if source and loss:  # how often the unpruned source itself lands over "first loss + 1 nat" on these batches
+        out["prune_source_max_loss"] = max(source)
+        out["prune_source_over_first_plus_1"] = sum(x > loss[0] + 1.0 for x in source)
     for name, xs in (("loss", loss), ("gap", gap)):
         run = [sum(xs[i:i + window]) / window for i in range(len(xs) - window + 1)]
         out.update({f"prune_first_{name}": xs[0] if xs else None, f"prune_max_{name}": max(xs) if xs else None,
@@ -387,6 +393,9 @@ def write_report(results: list[dict], refs: list[float], p: Preset, preset: str,
                           f"{r['prune_first_gap']:.3f}, max {r['prune_max_gap']:.3f}"
                           + (f" (running mean max {run_max:.3f})" if run_max is not None else "")
                           + f", mean of the last {r['prune_window']} {r['prune_last_gap']:.3f}")
+            if r.get("prune_source_max_loss") is not None:
+                excess += (f"; the source's own loss on the same batches reached {r['prune_source_max_loss']:.3f}, "
+                           f"over the first loss + 1 nat on {r['prune_source_over_first_plus_1']} batches")
             L.append(f"- arm {r['arm']} pruning: LM train loss first {r['prune_first_loss']:.3f}, max "
                      f"{r['prune_max_loss']:.3f}{means}{excess}; expected params {where}.")
     seeded = [r for r in results if r.get("continue_seeds")]
