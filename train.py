@@ -230,6 +230,19 @@ def main(cfg: TrainConfig, resolved: Resolved, extra_loggers=(), extra_callbacks
             "metrics_jsonl": str(metrics_path(cfg)) if metrics_path(cfg) else None}
 
 
+def close_distributed() -> None:
+    """Tear the process group down while the interpreter is still whole. Left to interpreter exit,
+    gloo's worker threads can die mid-teardown and abort a rank that finished its work ("terminate
+    called without an active exception", SIGABRT; pytorch/pytorch#190489): seen once in
+    tests/test_train_cli.py's two-rank run. Only on success: after a failure another rank may
+    still be inside a collective, and tearing down would hang it."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()  # every rank is past its last collective
+        tdist.destroy_process_group()
+
+
 def cli(argv: Optional[List[str]] = None) -> int:
     from composer_sheared.builders import NonFiniteModelError
     from composer_sheared.callbacks import NonFiniteLossError
@@ -242,6 +255,7 @@ def cli(argv: Optional[List[str]] = None) -> int:
     try:
         cfg, resolved = load_config(yaml_path, overrides)
         main(cfg, resolved)
+        close_distributed()
     except ConfigError as err:
         print("\n".join(f"error: {line}" for line in str(err).splitlines()), file=sys.stderr, flush=True)
         return 2
