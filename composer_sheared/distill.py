@@ -110,13 +110,14 @@ def teacher_ce(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = C
     of rows. Used to score the frozen source on the student's batch: the student's loss minus this
     is the damage pruning has done, free of which domains the batch happened to draw."""
     vocab = logits.shape[-1]
-    rows = logits[..., :-1, :].reshape(-1, vocab)
-    target = labels[..., 1:].reshape(-1).to(rows.device)
-    total = torch.zeros((), dtype=torch.float32, device=rows.device)
-    for a in range(0, rows.shape[0], chunk_tokens):
-        total += torch.nn.functional.cross_entropy(rows[a:a + chunk_tokens].float(), target[a:a + chunk_tokens],
-                                                   ignore_index=-100, reduction="sum")
-    return total, (target != -100).sum().to(total)
+    logits, labels = logits.reshape(-1, logits.shape[-2], vocab), labels.reshape(-1, labels.shape[-1])
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for row in range(logits.shape[0]):  # views of one sequence at a time: no copy of the whole logits
+        target, lg = labels[row, 1:].to(logits.device), logits[row, :-1]
+        for a in range(0, target.shape[0], chunk_tokens):
+            total += torch.nn.functional.cross_entropy(lg[a:a + chunk_tokens].float(),
+                                                       target[a:a + chunk_tokens], ignore_index=-100, reduction="sum")
+    return total, (labels[:, 1:] != -100).sum().to(total)
 
 
 def _freeze(model: nn.Module) -> nn.Module:
