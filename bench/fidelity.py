@@ -84,6 +84,10 @@ class Preset:
         return self.prune_steps * self.prune_batch * self.seq_len
 
     @property
+    def eval_batches(self) -> int:  # of 8 sequences
+        return max(1, self.eval_sequences // 8)
+
+    @property
     def total_tokens(self) -> int:
         return self.prune_tokens + self.continue_steps * self.continue_batch * self.seq_len
 
@@ -187,7 +191,6 @@ def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], wo
     else:
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
-    eval_batches = max(1, p.eval_sequences // 8)
     # In-training evals (the curve, and what dynamic loading reacts to) read the first 8 samples per
     # domain; the before/after numbers of the table read all eval_sequences.
     common = [f"data.local={mds}", f"max_seq_len={p.seq_len}", "device_eval_batch_size=8",
@@ -225,7 +228,7 @@ def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], wo
                             data=str(mds), domains=list(DOMAINS), calib_batches=8, batch_size=4, seed=0)
     else:
         start = random_init_dir(src_dir, TARGET, start, seed=0)
-    res["pruned"] = domain_losses(start, mds, DOMAINS, eval_batches, 8, desc=f"{arm} pruned")
+    res["pruned"] = domain_losses(start, mds, DOMAINS, p.eval_batches, 8, desc=f"{arm} pruned")
     res["curve"].append((offset, sum(res["pruned"].values()) / len(DOMAINS)))
     res["final"], res["continue_wall_s"], curve = continue_stage(arm, start, d, common, teacher, cont_steps, p, offset,
                                                                  mds)
@@ -276,7 +279,7 @@ def continue_stage(arm: str, start: Path, d: Path, common: list[str], teacher: l
     wall = run_stage("yamls/demo/continue_smollm2.yaml", common + over, sub / "continue.log")
     curve = eval_curve(sub / "continue" / "metrics.jsonl", offset, p.continue_batch * p.seq_len)
     desc = f"{arm} final" + ("" if seed is None else f" seed {seed}")
-    return domain_losses(sub / "final_hf", mds, DOMAINS, max(1, p.eval_sequences // 8), 8, desc=desc), wall, curve
+    return domain_losses(sub / "final_hf", mds, DOMAINS, p.eval_batches, 8, desc=desc), wall, curve
 
 
 def prune_loss_stats(metrics: Path, window: int = 5) -> dict:
@@ -292,8 +295,8 @@ def prune_loss_stats(metrics: Path, window: int = 5) -> dict:
         _, loss = series(recs, "loss/train/total")
     _, stray = series(recs, "shearing/stray")
     _, gap = series(recs, "distill/excess_loss")
-    out = {"prune_window": window, "prune_min_stray": min(stray) if stray else None}
     _, source = series(recs, "distill/teacher_ce_loss")
+    out = {"prune_window": window, "prune_min_stray": min(stray) if stray else None}
     if source and loss:  # how often the unpruned source itself lands over "first loss + 1 nat" on these batches
         out["prune_source_max_loss"] = max(source)
         out["prune_source_over_first_plus_1"] = sum(x > loss[0] + 1.0 for x in source)
@@ -386,18 +389,18 @@ def write_report(results: list[dict], refs: list[float], p: Preset, preset: str,
                      f"never fell below the warm-up target (closest {-low:.2f}% of source - target above it)")
             means = (f" ({r['prune_window']}-batch running mean: first {r['prune_first_loss_mean']:.3f}, max "
                      f"{r['prune_max_loss_mean']:.3f})" if r.get("prune_max_loss_mean") is not None else "")
-            excess = ""
+            gap = ""
             if r.get("prune_max_gap") is not None:
                 run_max = r.get("prune_max_gap_mean")
-                excess = (f"; gap to the source on the same batch (LM loss minus the source's): first "
+                gap = (f"; gap to the source on the same batch (LM loss minus the source's): first "
                           f"{r['prune_first_gap']:.3f}, max {r['prune_max_gap']:.3f}"
                           + (f" (running mean max {run_max:.3f})" if run_max is not None else "")
                           + f", mean of the last {r['prune_window']} {r['prune_last_gap']:.3f}")
             if r.get("prune_source_max_loss") is not None:
-                excess += (f"; the source's own loss on the same batches reached {r['prune_source_max_loss']:.3f}, "
+                gap += (f"; the source's own loss on the same batches reached {r['prune_source_max_loss']:.3f}, "
                            f"over the first loss + 1 nat on {r['prune_source_over_first_plus_1']} batches")
             L.append(f"- arm {r['arm']} pruning: LM train loss first {r['prune_first_loss']:.3f}, max "
-                     f"{r['prune_max_loss']:.3f}{means}{excess}; expected params {where}.")
+                     f"{r['prune_max_loss']:.3f}{means}{gap}; expected params {where}.")
     seeded = [r for r in results if r.get("continue_seeds")]
     if seeded:
         L.append("\nSeed spread of the continued stage alone (same pruned model, same lr; the seed moves the "
@@ -464,8 +467,7 @@ def main(argv=None) -> int:
 
     src = ensure_smollm2()
     mds = build_data(work, src, p)
-    eval_batches = max(1, p.eval_sequences // 8)
-    source = domain_losses(src, mds, DOMAINS, eval_batches, 8, desc="source")
+    source = domain_losses(src, mds, DOMAINS, p.eval_batches, 8, desc="source")
     refs = [source[d] for d in DOMAINS]
     _log("source losses " + ", ".join(f"{d} {v:.3f}" for d, v in source.items()))
     results, previous = [], {}
