@@ -118,13 +118,27 @@ def test_source_references_are_the_models_own_losses_before_training(root):
     assert values(mem, "dbl/reference/a") == [cb.references[0]]
 
 
-def test_missing_evaluator_label_warns_and_keeps_weights(root):
+def test_missing_evaluator_label_is_an_error_before_training(root):
+    # without its evaluators the weights could never move: that must stop the run, not warn
     cb = DynamicBatchLoading(DOMAINS, references=[1.0, 1.0, 1.0], rule="paper", label_prefix="nope/")
     trainer, ds, _ = make_trainer(root, cb, max_duration="2ba")
-    with pytest.warns(UserWarning, match="nope/a"):
+    with pytest.raises(ValueError, match=r"no evaluator for domains \['a', 'b', 'c'\].*'a', 'b', 'c'"):
         trainer.fit()
     trainer.close()
-    assert cb.history == [] and len(ds.changes) == 1
+    assert cb.history == [] and len(ds.changes) == 1 and int(trainer.state.timestamp.batch) == 0
+
+
+def test_evaluator_labels_with_a_prefix_are_found():
+    # llm-foundry labels its eval_loaders eval/<label>; an exact domain name wins over a suffix
+    cb = DynamicBatchLoading(["code", "docs"], references=[1.0, 1.0])
+    assert cb.resolve_labels(["eval/code", "eval/docs", "icl/x"]) == ["eval/code", "eval/docs"]
+    assert cb.resolve_labels(["code", "eval/code", "eval/docs"]) == ["code", "eval/docs"]
+    with pytest.raises(ValueError, match="several evaluators"):
+        cb.resolve_labels(["eval/code", "val/code", "docs"])
+    with pytest.raises(ValueError, match=r"no evaluator for domains \['docs'\]"):
+        cb.resolve_labels(["eval/code", "eval/documentation"])
+    pinned = DynamicBatchLoading(["code"], references=[1.0], label_prefix="val_")
+    assert pinned.resolve_labels(["val_code", "eval/code"]) == ["val_code"]
 
 
 def test_reference_arguments_are_validated():

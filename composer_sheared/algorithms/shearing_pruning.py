@@ -21,6 +21,8 @@ from composer.loggers import Logger
 from composer.utils import dist
 from transformers import PreTrainedModel
 
+from composer_sheared.data.calibration import (CALIBRATION_BATCH_SIZE, CALIBRATION_BATCHES, CALIBRATION_KEYS,
+                                               calibration_batches)
 from composer_sheared.pruning import ShearingMasks, apply_shearing, get_masks
 from composer_sheared.pruning.hard_concrete import TEMPERATURE
 from composer_sheared.shapes import ModelShape
@@ -71,8 +73,14 @@ class ShearingPruning(Algorithm):
         mask_init: ``"importance"`` (default: logits from one calibration pass over
             `calibration`, spread linearly by rank over +-`init_spread` within each row) or
             ``"uniform"`` (the paper: N(init_mean, 0.01) for every unit).
-        calibration: batches (dicts with ``input_ids``) for the importance pass; the same on
-            every rank. Required for ``mask_init="importance"``.
+        calibration: what the importance pass reads (``mask_init="importance"``), the same on every
+            rank: batches (dicts with ``input_ids``); or a mapping ``{local, domains, remote, split,
+            num_batches, batch_size}`` naming per-domain MDS data (what a YAML can say), read at
+            INIT; or None (default): `calibration_batches` batches of the train dataloader's
+            ``DynamicStreamingDataset`` read at FIT_START by index, so the training stream is not
+            touched (not under FSDP: the model is sharded by then, give the mapping instead). A
+            resumed run skips it: the masks come from the checkpoint.
+        calibration_batches: how many batches to draw when `calibration` does not list them.
         train_gates: ``"smooth"`` (the projected schedule's default: noise-free gates that fade
             units out in rank order during the warm-up, then the exact target top-k for the rest of
             the stage) or ``"sampled"`` (hard-concrete noise, as the paper; the Lagrangian's only choice).
@@ -92,19 +100,27 @@ class ShearingPruning(Algorithm):
         mask_betas: Optional[tuple[float, float]] = None,
         schedule: str = "projection",
         mask_init: str = "importance",
-        calibration: Optional[Iterable[Any]] = None,
+        calibration: Optional[Iterable[Any] | Mapping[str, Any]] = None,
         init_spread: float = 10.0,
         train_gates: Optional[str] = None,
         paper: bool = False,
+        calibration_batches: int = CALIBRATION_BATCHES,
     ):
         if paper:
             schedule, mask_init, train_gates = "lagrangian", "uniform", "sampled"
         if mask_init not in ("importance", "uniform"):
             raise ValueError(f"mask_init={mask_init!r}: expected 'importance' or 'uniform'")
-        if mask_init == "importance" and calibration is None:
-            raise ValueError("mask_init='importance' needs calibration batches (calibration=...), "
-                             "or use mask_init='uniform'")
+        if isinstance(calibration, Mapping):
+            calibration = dict(calibration)
+            unknown = sorted(set(calibration) - set(CALIBRATION_KEYS))
+            if unknown or not {"local", "domains"} <= set(calibration):
+                raise ValueError(f"calibration: expected a mapping with keys local, domains (and optionally "
+                                 f"{', '.join(CALIBRATION_KEYS[2:])}); got {sorted(calibration)}")
+        if int(calibration_batches) <= 0:
+            raise ValueError(f"calibration_batches={calibration_batches}: expected a positive number of batches")
         self.schedule, self.mask_init, self.calibration = schedule, mask_init, calibration
+        self.calibration_batches = int(calibration_batches)
+        self._pending_importance = False
         self.init_spread = float(init_spread)
         self.train_gates = train_gates
         self.target = dict(target) if isinstance(target, Mapping) else target
@@ -124,6 +140,8 @@ class ShearingPruning(Algorithm):
         return self._masks
 
     def match(self, event: Event, state: State) -> bool:
+        if event == Event.FIT_START:
+            return self._pending_importance
         return event in (Event.INIT, Event.BATCH_START, Event.AFTER_LOSS, Event.BATCH_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
@@ -135,11 +153,22 @@ class ShearingPruning(Algorithm):
                 mask_betas=self.mask_betas, schedule=self.schedule, init_log_alpha=self._init_logits(hf_model),
                 train_gates=self.train_gates,
             )
+            if self.mask_init == "importance" and self.calibration is None and not _on_meta(hf_model):
+                self._pending_importance = True  # FIT_START: the train dataloader is known then
+            for cb in state.callbacks:
+                if type(cb).__name__ == "HuggingFaceCheckpointer" and type(cb).__module__.startswith("llmfoundry"):
+                    from composer_sheared.foundry.hf_export import export_sliced
+
+                    export_sliced(cb)
             logger.log_hyperparameters({
                 "shearing/source_params": self._masks.source.num_params(),
                 "shearing/target_params": self._masks.target.num_params(),
                 **{f"shearing/target/{k}": v for k, v in self._masks.target.as_dict().items()},
             })
+        elif event == Event.FIT_START:
+            self._pending_importance = False
+            if int(state.timestamp.batch) == 0:  # a resumed run has its masks from the checkpoint
+                self._importance_from_train_data(state)
         elif event == Event.BATCH_START:
             masks = self.masks
             masks.constrain_()
@@ -163,21 +192,59 @@ class ShearingPruning(Algorithm):
                 logger.log_metrics({"shearing/target_params": self.masks.target.num_params()})
 
     def _init_logits(self, hf_model: PreTrainedModel) -> Optional[dict]:
-        if self.mask_init != "importance":
+        if self.mask_init != "importance" or self.calibration is None:
             return None
-        if any(p.is_meta for p in hf_model.parameters()):
+        if _on_meta(hf_model):
             # init_device=mixed: only rank 0 holds weights; FSDP's sync_module_states copies its
             # mask logits (a submodule of the model) to the other ranks.
             return None
+        batches = self.calibration
+        if isinstance(batches, Mapping):
+            c = batches
+            batches = calibration_batches(c["local"], list(c["domains"]), int(c.get("num_batches", self.calibration_batches)),
+                                          int(c.get("batch_size", CALIBRATION_BATCH_SIZE)), split=c.get("split", "train"),
+                                          remote=c.get("remote"))
+        return self._logits_from(hf_model, batches)
+
+    def _logits_from(self, hf_model: PreTrainedModel, batches) -> dict:
+        from composer_sheared.pruning.apply import check_supported
         from composer_sheared.pruning.importance import compute_importance
         from composer_sheared.pruning.oneshot import scores_to_log_alpha
-        from composer_sheared.pruning.apply import check_supported
         from composer_sheared.shapes import resolve_target
 
         source = check_supported(hf_model)
         target = resolve_target(source, self.target)
-        scores = compute_importance(hf_model, self.calibration)
+        scores = compute_importance(hf_model, batches)
         return scores_to_log_alpha(scores, source, target, spread=self.init_spread)
+
+    def _importance_from_train_data(self, state: State) -> None:
+        """Importance init from the train dataloader's data, read by index (the stream the run
+        trains on is untouched, so its order and an exact resume are the same as without this)."""
+        from composer_sheared.pruning.apply import unmasked
+
+        dataset = getattr(state.train_dataloader, "dataset", None)
+        if not all(hasattr(dataset, a) for a in ("local", "domains", "split", "remote", "batch_size")):
+            raise ValueError(
+                "ShearingPruning(mask_init='importance') without `calibration` reads its calibration batches from "
+                f"the train dataloader's DynamicStreamingDataset, got {type(dataset).__name__}; give "
+                "calibration: {local: <MDS root>, domains: [...]} or use mask_init: uniform")
+        if state.fsdp_enabled:
+            raise ValueError(
+                "ShearingPruning(mask_init='importance') under FSDP needs `calibration: {local: <MDS root>, domains: "
+                "[...]}` in its config: it must read the data before the model is sharded")
+        batches = calibration_batches(dataset.local, list(dataset.domains), self.calibration_batches,
+                                      dataset.batch_size, split=dataset.split, remote=dataset.remote)
+        hf_model = find_hf_model(state.model)
+        device = next(hf_model.parameters()).device
+        batches = [{"input_ids": b["input_ids"].to(device)} for b in batches]
+        with unmasked(hf_model) as masks:
+            logits = self._logits_from(hf_model, batches)
+        with torch.no_grad():
+            for name, value in logits.items():
+                param = masks.log_alpha[name]
+                param.copy_(torch.as_tensor(value, dtype=param.dtype, device=param.device))
+                # ranks read the same samples, but kernels need not agree to the last bit
+                dist.broadcast(param.data, src=0)
 
     def _progress(self, state: State) -> float:
         if self._warmup_batches is None:
@@ -194,6 +261,10 @@ class ShearingPruning(Algorithm):
         if self._warmup_batches <= 0:
             return 1.0
         return min(1.0, int(state.timestamp.batch) / self._warmup_batches)
+
+
+def _on_meta(model: torch.nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
 
 
 def masks_of(model: torch.nn.Module) -> ShearingMasks:

@@ -2,8 +2,11 @@
 
 Contract with the training script:
 
-- one Composer ``Evaluator`` per domain, ``label = label_prefix + domain`` (default prefix ``""``),
-  whose metrics include ``LanguageCrossEntropy`` (``metric_name``): the model's per-domain loss;
+- one Composer ``Evaluator`` per domain whose metrics include ``LanguageCrossEntropy``
+  (``metric_name``): the model's per-domain loss. Its label is the domain name or ends in
+  ``/<domain>`` (llm-foundry labels its ``eval_loaders`` ``eval/<label>``); ``label_prefix`` pins an
+  exact prefix instead. A domain without an evaluator is an error at ``FIT_START``: without it the
+  weights could never move;
 - the train dataloader's dataset is a ``DynamicStreamingDataset`` (anything with
   ``set_proportions(p, current_batch)`` and ``proportions``).
 
@@ -85,13 +88,14 @@ class DynamicBatchLoading(Callback):
             ``{domain: loss}``, or ``"source"`` (the model's own loss before training).
         rule: ``"paper"``, ``"doremi"`` (the reference code's rule) or ``"constant"``.
         eta, c: step size and smoothing (see ``update_weights``).
-        label_prefix: evaluator labels are ``label_prefix + domain``.
+        label_prefix: evaluator labels are exactly ``label_prefix + domain``; None (default): the
+            label that is the domain name or ends in ``/<domain>``.
         metric_name: the per-domain loss metric of each evaluator.
         source_at: ``"fit_start"`` or ``"first_eval"``; how ``references="source"`` is measured.
     """
 
     def __init__(self, domains: Sequence[str], references: Union[Sequence[float], Mapping[str, float], str],
-                 rule: str = "doremi", eta: float = 1.0, c: float = 1e-4, label_prefix: str = "",
+                 rule: str = "doremi", eta: float = 1.0, c: float = 1e-4, label_prefix: Optional[str] = None,
                  metric_name: str = "LanguageCrossEntropy", source_at: str = "fit_start"):
         self.domains = list(domains)
         if not self.domains or len(set(self.domains)) != len(self.domains):
@@ -107,6 +111,27 @@ class DynamicBatchLoading(Callback):
         self.weights: Optional[list[float]] = None
         self.history: list[dict[str, Any]] = []
         self._warned_missing = False
+        self.labels: Optional[list[str]] = None  # evaluator label of each domain, found at FIT_START
+
+    def resolve_labels(self, labels: Sequence[str]) -> list[str]:
+        """The evaluator label of each domain among `labels`; ValueError naming what is missing."""
+        found, missing = [], []
+        for d in self.domains:
+            if self.label_prefix is not None:
+                hits = [x for x in labels if x == self.label_prefix + d]
+            else:
+                hits = [x for x in labels if x == d] or [x for x in labels if x.endswith("/" + d)]
+            if len(hits) > 1:
+                raise ValueError(f"DynamicBatchLoading: domain {d!r} matches several evaluators {hits}; "
+                                 f"set label_prefix to pick one")
+            (found if hits else missing).append(hits[0] if hits else d)
+        if missing:
+            want = "labelled " + (f"{self.label_prefix!r} + domain" if self.label_prefix is not None
+                                  else "<domain> or .../<domain>")
+            raise ValueError(f"DynamicBatchLoading: no evaluator for domains {missing} (want one per domain, {want}, "
+                             f"with metric {self.metric_name}); the evaluators are {sorted(labels)}. Without them "
+                             f"the domain weights never change")
+        return found
 
     # -- Composer hooks --------------------------------------------------------------------
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
@@ -117,6 +142,7 @@ class DynamicBatchLoading(Callback):
 
     def _fit_start(self, state: State, logger: Logger) -> None:
         dataset = _unwrap_dataset(state.train_dataloader)
+        self.labels = self.resolve_labels([ev.label for ev in state.evaluators])
         if list(getattr(dataset, "domains", self.domains)) != self.domains:
             raise ValueError(f"callback domains {self.domains} differ from dataset domains {dataset.domains}")
         if self.weights is None:
@@ -130,17 +156,18 @@ class DynamicBatchLoading(Callback):
 
     def _read_losses(self, state: State) -> Optional[list[float]]:
         losses, missing = [], []
-        for d in self.domains:
-            metrics = state.eval_metrics.get(self.label_prefix + d, {})
+        labels = self.labels or self.resolve_labels([ev.label for ev in state.evaluators])
+        for label in labels:
+            metrics = state.eval_metrics.get(label, {})
             metric = metrics.get(self.metric_name)
             if metric is None or not getattr(metric, "_update_count", 1):
-                missing.append(self.label_prefix + d)
+                missing.append(label)
                 continue
             losses.append(float(metric.compute()))
         if missing:
             if not self._warned_missing:
-                warnings.warn(f"DynamicBatchLoading: no {self.metric_name} from evaluators {missing} "
-                              f"(labels must be label_prefix + domain); weights not updated")
+                warnings.warn(f"DynamicBatchLoading: no {self.metric_name} from evaluators {missing} at this "
+                              f"evaluation; weights not updated")
                 self._warned_missing = True
             return None
         return losses
@@ -182,8 +209,7 @@ class DynamicBatchLoading(Callback):
         model.eval()
         losses = []
         try:
-            for d in self.domains:
-                label = self.label_prefix + d
+            for label in self.labels or self.resolve_labels(list(evaluators)):
                 if label not in evaluators:
                     raise ValueError(f"references='source' needs an evaluator labelled {label!r}; "
                                      f"have {sorted(evaluators)}")

@@ -12,7 +12,8 @@ exactly zero on dropped dims, so the masked model computes what the sliced one w
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+import contextlib
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -192,7 +193,7 @@ def apply_shearing(
     masks.to(device=param.device)
     masks.train(model.training)
     setattr(model, MASKS_ATTR, masks)
-    masks._handles = _register(model, masks, fold_into_weights)
+    masks._handles, masks._fold = _register(model, masks, fold_into_weights), fold_into_weights
     if optimizers is not None:
         for opt in [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else optimizers:
             add_mask_param_groups(opt, masks, mask_lr, lambda_lr, mask_betas)
@@ -208,3 +209,15 @@ def remove_shearing(model: nn.Module) -> ShearingMasks:
         module.__dict__.pop("forward", None)
     delattr(model, MASKS_ATTR)
     return masks
+
+
+@contextlib.contextmanager
+def unmasked(model: nn.Module) -> Iterator[ShearingMasks]:
+    """The dense source function for the duration of the block, the same masks (same parameter
+    objects, so optimizer groups stay valid) attached again afterwards."""
+    masks = remove_shearing(model)
+    try:
+        yield masks
+    finally:
+        setattr(model, MASKS_ATTR, masks)
+        masks._handles = _register(model, masks, getattr(masks, "_fold", None))
