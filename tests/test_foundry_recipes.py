@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from tests.conftest import REPO
 
-pytest.importorskip("llmfoundry")
+import llmfoundry  # noqa: E402,F401  (part of the tested set: a missing foundry must fail, not skip)
 
 FOUNDRY = REPO / "yamls" / "foundry"
 PAIRS = {"prune_2.7b.yaml": "prune_2.7b.yaml", "continue_2.7b.yaml": "continue_2.7b.yaml"}
@@ -81,3 +81,14 @@ def test_paper_recipes_match_the_train_py_recipes(name):
                     "eval_shape"):
             assert sp[key] == p[key], key
         assert sp["calibration"]["num_batches"] == p["calibration_batches"]
+
+
+def test_readme_foundry_example_is_the_tested_recipe():
+    import re
+
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- foundry example:[^>]*-->\s*```yaml\n(.*?)```", text, re.S)
+    assert block, "README has no foundry example block"
+    shown = OmegaConf.to_container(OmegaConf.create(block.group(1)))
+    recipe = OmegaConf.to_container(OmegaConf.load(FOUNDRY / "tiny_prune.yaml"))
+    assert shown and {k: recipe[k] for k in shown} == shown
