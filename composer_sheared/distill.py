@@ -23,6 +23,8 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
+from composer_sheared.defaults import KD_ALPHA, KD_TEMPERATURE
+
 __all__ = ["apply_distillation", "frozen_copy", "kd_loss", "kd_token_mask", "load_teacher", "teacher_ce",
            "teacher_logits"]
 
@@ -66,7 +68,7 @@ class _ChunkedKD(torch.autograd.Function):
         return grad * grad_out.to(grad.dtype), None, None, None, None
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = KD_TEMPERATURE,
             mask: Optional[torch.Tensor] = None, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
     """Token-mean T^2 * KL(teacher || student) of logits [..., vocab]; fp32 scalar.
 
@@ -179,8 +181,8 @@ def teacher_logits(teacher: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor
 
 
 def apply_distillation(loss: torch.Tensor, ce_loss: torch.Tensor, student_logits: torch.Tensor,
-                       teacher: nn.Module | torch.Tensor, batch: Mapping[str, Any], alpha: float = 0.5,
-                       temperature: float = 1.0, chunk_tokens: int = CHUNK_TOKENS):
+                       teacher: nn.Module | torch.Tensor, batch: Mapping[str, Any], alpha: float = KD_ALPHA,
+                       temperature: float = KD_TEMPERATURE, chunk_tokens: int = CHUNK_TOKENS):
     """Functional form: returns ``(loss - alpha * ce_loss + alpha * kd, kd)``.
 
     `loss` is the training loss as it stands (the LM cross-entropy `ce_loss`, plus e.g. the

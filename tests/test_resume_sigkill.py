@@ -205,7 +205,8 @@ def _masks():
 
     src = ModelShape(num_layers=2, hidden_size=16, num_attention_heads=4, num_key_value_heads=2,
                      head_dim=4, intermediate_size=32, vocab_size=50)
-    return ShearingMasks(src, dataclasses.replace(src, hidden_size=12, intermediate_size=16)).train()
+    # sampled gates (the paper's schedule): the ones that draw noise
+    return ShearingMasks(src, dataclasses.replace(src, hidden_size=12, intermediate_size=16), schedule="lagrangian").train()
 
 
 def _gates(masks):

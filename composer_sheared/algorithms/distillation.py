@@ -30,6 +30,7 @@ from composer.loggers import Logger
 from torch import nn
 
 from composer_sheared.algorithms.shearing_pruning import find_hf_model
+from composer_sheared.defaults import KD_ALPHA, KD_TEACHER, KD_TEMPERATURE
 from composer_sheared.distill import (CHUNK_TOKENS, apply_distillation, frozen_copy, kd_token_mask, load_teacher,
                                       teacher_ce, teacher_logits)
 
@@ -57,7 +58,7 @@ class Distillation(Algorithm):
         chunk_tokens: tokens per fp32 chunk of the KL computation.
     """
 
-    def __init__(self, teacher: str | Path | nn.Module = "copy", alpha: float = 0.5, temperature: float = 1.0,
+    def __init__(self, teacher: str | Path | nn.Module = KD_TEACHER, alpha: float = KD_ALPHA, temperature: float = KD_TEMPERATURE,
                  teacher_dtype: Optional[str | torch.dtype] = None, chunk_tokens: int = CHUNK_TOKENS):
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"Distillation alpha={alpha!r}: expected a value in [0, 1]")

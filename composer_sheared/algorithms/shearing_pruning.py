@@ -21,16 +21,15 @@ from composer.loggers import Logger
 from composer.utils import dist
 from transformers import PreTrainedModel
 
-from composer_sheared.data.calibration import (CALIBRATION_BATCH_SIZE, CALIBRATION_BATCHES, CALIBRATION_KEYS,
-                                               calibration_batches)
+from composer_sheared.data.calibration import calibration_batches
+from composer_sheared.defaults import (CALIBRATION_BATCH_SIZE, CALIBRATION_BATCHES, CALIBRATION_KEYS, EVAL_SHAPE,
+                                       INIT_MEAN, INIT_SPREAD, LAGRANGIAN_WARMUP, LAMBDA_LR, MASK_INIT, MASK_INITS,
+                                       MASK_LR, SCHEDULE, TEMPERATURE)
 from composer_sheared.pruning import ShearingMasks, apply_shearing, get_masks
-from composer_sheared.pruning.hard_concrete import TEMPERATURE
 from composer_sheared.shapes import ModelShape
 
 __all__ = ["ShearingPruning", "find_hf_model", "LAGRANGIAN_WARMUP"]
 
-# The target reaches its final shape after 20% of the run (the paper: 640 of 3200 pruning steps).
-LAGRANGIAN_WARMUP = "0.2dur"
 
 
 def find_hf_model(model: torch.nn.Module) -> PreTrainedModel:
@@ -92,24 +91,24 @@ class ShearingPruning(Algorithm):
         self,
         target: ModelShape | Mapping[str, Any] | str,
         lagrangian_warmup: str | int = LAGRANGIAN_WARMUP,
-        mask_lr: float = 1.0,
-        lambda_lr: float = 1.0,
-        eval_shape: str = "target",
+        mask_lr: float = MASK_LR,
+        lambda_lr: float = LAMBDA_LR,
+        eval_shape: str = EVAL_SHAPE,
         temperature: float = TEMPERATURE,
-        init_mean: float = 5.0,
+        init_mean: float = INIT_MEAN,
         mask_betas: Optional[tuple[float, float]] = None,
-        schedule: str = "projection",
-        mask_init: str = "importance",
+        schedule: str = SCHEDULE,
+        mask_init: str = MASK_INIT,
         calibration: Optional[Iterable[Any] | Mapping[str, Any]] = None,
-        init_spread: float = 10.0,
+        init_spread: float = INIT_SPREAD,
         train_gates: Optional[str] = None,
         paper: bool = False,
         calibration_batches: int = CALIBRATION_BATCHES,
     ):
         if paper:
             schedule, mask_init, train_gates = "lagrangian", "uniform", "sampled"
-        if mask_init not in ("importance", "uniform"):
-            raise ValueError(f"mask_init={mask_init!r}: expected 'importance' or 'uniform'")
+        if mask_init not in MASK_INITS:
+            raise ValueError(f"mask_init={mask_init!r}: expected one of {MASK_INITS}")
         if isinstance(calibration, Mapping):
             calibration = dict(calibration)
             unknown = sorted(set(calibration) - set(CALIBRATION_KEYS))

@@ -33,6 +33,7 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 
 from composer_sheared.data.mixing import RULES, excess_losses, update_weights
+from composer_sheared.defaults import ETA, RULE, SMOOTHING
 
 __all__ = ["DynamicBatchLoading", "check_references", "update_weights"]
 
@@ -95,7 +96,7 @@ class DynamicBatchLoading(Callback):
     """
 
     def __init__(self, domains: Sequence[str], references: Union[Sequence[float], Mapping[str, float], str],
-                 rule: str = "doremi", eta: float = 1.0, c: float = 1e-4, label_prefix: Optional[str] = None,
+                 rule: str = RULE, eta: float = ETA, c: float = SMOOTHING, label_prefix: Optional[str] = None,
                  metric_name: str = "LanguageCrossEntropy", source_at: str = "fit_start"):
         self.domains = list(domains)
         if not self.domains or len(set(self.domains)) != len(self.domains):

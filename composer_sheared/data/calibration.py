@@ -9,12 +9,7 @@ import torch
 
 __all__ = ["calibration_batches", "CALIBRATION_BATCHES", "CALIBRATION_BATCH_SIZE", "CALIBRATION_KEYS"]
 
-# How many batches the importance pass reads when a config does not say (the recipes' value).
-CALIBRATION_BATCHES = 8
-# Samples per calibration batch when neither the config nor a train dataloader gives one.
-CALIBRATION_BATCH_SIZE = 4
-# What a YAML `calibration:` block may name (the arguments of calibration_batches).
-CALIBRATION_KEYS = ("local", "domains", "remote", "split", "num_batches", "batch_size")
+from composer_sheared.defaults import CALIBRATION_BATCH_SIZE, CALIBRATION_BATCHES, CALIBRATION_KEYS  # noqa: E402
 
 
 def calibration_batches(local: str, domains: Sequence[str], num_batches: int, batch_size: int,

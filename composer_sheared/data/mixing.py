@@ -11,7 +11,7 @@ import numpy as np
 
 __all__ = ["RULES", "update_weights", "validate_proportions", "excess_losses"]
 
-RULES = ("paper", "doremi", "constant")
+from composer_sheared.defaults import ETA, RULES, SMOOTHING  # noqa: E402
 
 # Proportions are compared against 1 with this tolerance; float sums of 7 decimal weights are
 # off by ~1e-16, user-typed YAML weights (0.67, 0.045, ...) are exact to 1e-12.
@@ -49,7 +49,7 @@ def excess_losses(losses: Sequence[float], references: Sequence[float]) -> np.nd
 
 
 def update_weights(weights: Sequence[float], losses: Sequence[float], references: Sequence[float],
-                   rule: str, eta: float = 1.0, c: float = 1e-4) -> np.ndarray:
+                   rule: str, eta: float = ETA, c: float = SMOOTHING) -> np.ndarray:
     """One dynamic-batch-loading update of the domain weights.
 
     - ``"paper"`` (Algorithm 1): ``delta = max(l - ref, 0)``; ``w <- w * exp(eta * delta)``;

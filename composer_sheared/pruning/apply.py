@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from composer_sheared.pruning.hard_concrete import TEMPERATURE
+from composer_sheared.defaults import EVAL_SHAPE, INIT_MEAN, LAMBDA_LR, MASK_LR, SCHEDULE, TEMPERATURE
 from composer_sheared.pruning.masks import ShearingMasks
 from composer_sheared.shapes import ModelShape, resolve_target
 
@@ -150,14 +150,14 @@ def apply_shearing(
     target: ModelShape | Mapping[str, Any] | str,
     optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
     *,
-    mask_lr: float = 1.0,
-    lambda_lr: float = 1.0,
-    eval_shape: str = "target",
+    mask_lr: float = MASK_LR,
+    lambda_lr: float = LAMBDA_LR,
+    eval_shape: str = EVAL_SHAPE,
     temperature: float = TEMPERATURE,
-    init_mean: float = 5.0,
+    init_mean: float = INIT_MEAN,
     fold_into_weights: bool | None = None,
     mask_betas: tuple[float, float] | None = None,
-    schedule: str = "projection",
+    schedule: str = SCHEDULE,
     init_log_alpha: Mapping[str, torch.Tensor] | None = None,
     clamp: bool | None = None,
     gate_values: str | None = None,

@@ -8,7 +8,7 @@ import torch
 
 LIMIT_LEFT = -0.1  # l: the stretched interval is (l, r)
 LIMIT_RIGHT = 1.1  # r
-TEMPERATURE = 2.0 / 3.0  # beta in the reference code (the paper's appendix says 0.83)
+from composer_sheared.defaults import TEMPERATURE  # noqa: E402  (beta of the reference code)
 EPS = 1e-6
 LOG_ALPHA_MIN = math.log(1e-2)
 LOG_ALPHA_MAX = math.log(1e2)

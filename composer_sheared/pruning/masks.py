@@ -30,10 +30,8 @@ from composer_sheared.pruning.hard_concrete import (
 )
 from composer_sheared.shapes import ModelShape, validate_target
 
-EVAL_SHAPES = ("target", "expected")
-SCHEDULES = ("projection", "lagrangian")
-GATE_VALUES = ("soft", "binary")
-TRAIN_GATES = ("sampled", "smooth")
+from composer_sheared.defaults import (EVAL_SHAPE, EVAL_SHAPES, GATE_VALUES, INIT_MEAN, INIT_STD, SCHEDULE, SCHEDULES,
+                                       TRAIN_GATES, default_train_gates)
 # smooth gates: the temperature falls linearly to this fraction of its start over the warm-up
 SMOOTH_FLOOR = 0.05
 
@@ -74,10 +72,10 @@ class ShearingMasks(nn.Module):
         source: ModelShape,
         target: ModelShape,
         temperature: float = TEMPERATURE,
-        init_mean: float = 5.0,
-        init_std: float = 1e-2,
-        eval_shape: str = "target",
-        schedule: str = "lagrangian",
+        init_mean: float = INIT_MEAN,
+        init_std: float = INIT_STD,
+        eval_shape: str = EVAL_SHAPE,
+        schedule: str = SCHEDULE,
         init_log_alpha: dict[str, torch.Tensor] | None = None,
         clamp: bool | None = None,
         gate_values: str | None = None,
@@ -94,7 +92,7 @@ class ShearingMasks(nn.Module):
         if gate_values not in GATE_VALUES:
             raise ValueError(f"gate_values={gate_values!r}; expected one of {GATE_VALUES}")
         # smooth gates won at equal tokens (bench/fidelity.py); the Lagrangian needs sampled ones
-        train_gates = train_gates or ("smooth" if projected else "sampled")
+        train_gates = train_gates or default_train_gates(schedule)
         if train_gates not in TRAIN_GATES:
             raise ValueError(f"train_gates={train_gates!r}; expected one of {TRAIN_GATES}")
         if train_gates == "smooth" and not projected:

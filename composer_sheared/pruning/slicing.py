@@ -127,4 +127,6 @@ def prune_with_gates(model: PreTrainedModel, target, gates: dict[str, torch.Tens
     """Slice a plain (unmasked) HF model to `target` (a ModelShape, a partial mapping or a shape
     name), keeping exactly the units whose binary gate is 1."""
     source = check_supported(model)
-    return prune_to_target(model, ShearingMasks(source, resolve_target(source, target)), gates=gates)
+    # explicit gates: the paper's schedule, whose soft gate values these binary gates leave as they are
+    masks = ShearingMasks(source, resolve_target(source, target), schedule="lagrangian")
+    return prune_to_target(model, masks, gates=gates)
