@@ -49,39 +49,26 @@ def prune_target(s: ModelShape) -> dict:
     }
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="smollm2-135m", choices=sorted(NAMED_SHAPES))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--dtype", default=None, help="default: bf16 on cuda, fp32 on cpu")
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
-    p.add_argument("--compile", action="store_true", help="torch.compile both models (mask sampling included)")
-    p.add_argument("--fold", choices=["auto", "weights", "activations"], default="auto",
-                   help="how o_proj/down_proj are gated (auto: by cost)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if a.device.startswith("cuda") else torch.float32)
-    shape = NAMED_SHAPES[a.shape]
-    cuda = a.device.startswith("cuda")
+def measure(shape: ModelShape, device: str, dtype: torch.dtype, batch: int, seq: int, rounds: int, warmup: int,
+            attn: str = "sdpa", compile=False, fold: str = "auto") -> dict:
+    """Dense and masked step times (median over interleaved rounds), per-round ratios and peak GiB
+    (CUDA only). `compile`: False, True (inductor) or a torch.compile backend name."""
+    if compile is True:
+        compile = "inductor"
+    cuda = device.startswith("cuda")
     torch.manual_seed(0)
 
     def make(masked: bool):
-        model = build(shape, a.device, dtype, a.attn)
+        model = build(shape, device, dtype, attn)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
-        fold = {"auto": None, "weights": True, "activations": False}[a.fold]
-        masks = apply_shearing(model, prune_target(shape), opt, fold_into_weights=fold) if masked else None
+        folded = {"auto": None, "weights": True, "activations": False}[fold]
+        masks = apply_shearing(model, prune_target(shape), opt, fold_into_weights=folded) if masked else None
         if masks is not None:
             masks.warmup_progress.fill_(0.5)
-        fwd = torch.compile(model) if a.compile else model
+        fwd = torch.compile(model, backend=compile) if compile else model
         return model, fwd, opt, masks
 
-    ids = torch.randint(0, shape.vocab_size, (a.batch, a.seq), device=a.device)
+    ids = torch.randint(0, shape.vocab_size, (batch, seq), device=device)
 
     def step(fwd, opt, masks) -> float:
         if cuda:
@@ -110,17 +97,41 @@ def main(argv=None) -> None:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             resident = torch.cuda.memory_allocated()
-        for _ in range(a.warmup):
+        for _ in range(warmup):
             step(fwd, opt, masks)
         if cuda:
             peak[name] = (footprint[name] + torch.cuda.max_memory_allocated() - resident) / 2**30
     times = {"dense": [], "masked": []}
-    for _ in range(a.rounds):
+    for _ in range(rounds):
         for name, (_, fwd, opt, masks) in models.items():
             times[name].append(step(fwd, opt, masks))
     ratios = [m / d for m, d in zip(times["masked"], times["dense"])]
+    return {"step_s": {n: statistics.median(t) for n, t in times.items()}, "peak_gib": peak, "ratios": ratios,
+            "tokens": batch * seq, "target": prune_target(shape)}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="smollm2-135m", choices=sorted(NAMED_SHAPES))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--dtype", default=None, help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument("--compile", action="store_true", help="torch.compile both models (mask sampling included)")
+    p.add_argument("--fold", choices=["auto", "weights", "activations"], default="auto",
+                   help="how o_proj/down_proj are gated (auto: by cost)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if a.device.startswith("cuda") else torch.float32)
+    shape = NAMED_SHAPES[a.shape]
+    r = measure(shape, a.device, dtype, a.batch, a.seq, a.rounds, a.warmup, a.attn, a.compile, a.fold)
+    results, peak, ratios = r["step_s"], r["peak_gib"], r["ratios"]
     tokens = a.batch * a.seq
-    results = {n: statistics.median(t) for n, t in times.items()}
     print(f"shape={a.shape} device={a.device} dtype={str(dtype).split('.')[-1]} attn={a.attn} "
           f"compile={a.compile} fold={a.fold} threads={torch.get_num_threads()} batch={a.batch}x{a.seq} target={prune_target(shape)}")
     print(f"{'variant':<8} {'step s':>9} {'tokens/s':>10} {'peak GiB':>9}")

@@ -1,6 +1,7 @@
 """Write a directory all at once: nothing half-written is ever visible at its final path."""
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -8,9 +9,9 @@ import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
-__all__ = ["atomic_directory", "host_tag", "pid_alive", "remove_stale_temps"]
+__all__ = ["atomic_directory", "host_tag", "pid_alive", "remove_stale_temps", "NoSpaceError", "find_no_space"]
 
 
 def pid_alive(pid: int) -> bool:
@@ -76,3 +77,29 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = True) -> Iter
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+class NoSpaceError(OSError):
+    """The disk filled while writing `path`."""
+
+    def __init__(self, path):
+        self.path = path
+        super().__init__(errno.ENOSPC, f"no space left writing {path}")
+
+    def __str__(self) -> str:
+        return f"no space left writing {self.path}"
+
+
+_NO_SPACE = re.compile(r"No space left on device|\[Errno 28\]|code: 28\b|StorageFull")
+
+
+def find_no_space(exc: Optional[BaseException]) -> Optional[BaseException]:
+    """The exception in `exc`'s cause/context chain that says the disk is full, if any. Writers
+    wrap ENOSPC in their own errors (torch's "unexpected pos", safetensors' SafetensorError)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or _NO_SPACE.search(str(exc)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None

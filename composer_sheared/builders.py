@@ -189,6 +189,9 @@ def save_hf_result(state, cfg: TrainConfig, tokenizer, out_dir: Path) -> Optiona
                     out_model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
                     if tokenizer is not None:
                         tokenizer.save_pretrained(tmp)
+                    from composer_sheared.model_card import finish_train_output
+
+                    finish_train_output(tmp, out_dir.name, cfg, state, hf)
                 result = out_dir
             except NonFiniteModelError as err:
                 error = err  # raised after the barrier, so other ranks are not left waiting

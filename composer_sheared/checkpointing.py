@@ -18,9 +18,11 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
+from composer.core import Callback, State
+from composer.loggers import Logger
 from composer.utils import format_name_with_dist
 
-__all__ = ["set_aside_unfinished_checkpoints"]
+__all__ = ["set_aside_unfinished_checkpoints", "ResumeLearningRate"]
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +113,28 @@ def set_aside_unfinished_checkpoints(save_folder: Optional[str], run_name: str =
     elif keep is None and latest.is_symlink():
         latest.unlink()
     return moved
+
+
+class ResumeLearningRate(Callback):
+    """A resume with another ``optimizer.lr`` trains with it. Loading a checkpoint restores the old
+    base learning rate (the optimizer's ``initial_lr``, the LR scheduler's ``base_lrs``), so the new
+    value would be silently ignored; at AFTER_LOAD this puts the new one in its place, at the
+    schedule's current factor. Only the first parameter group (the model's) changes: the mask and
+    multiplier groups that ShearingPruning adds have their own rates."""
+
+    def __init__(self, lr: float):
+        self.lr = float(lr)
+
+    def after_load(self, state: State, logger: Logger) -> None:
+        if int(state.timestamp.batch) == 0:
+            return  # nothing was loaded: the optimizer already has the new rate
+        group = state.optimizers[0].param_groups[0]
+        old = group.get("initial_lr")
+        if not old:
+            return
+        group["lr"] = self.lr * group["lr"] / old
+        group["initial_lr"] = self.lr
+        for scheduler in state.schedulers:
+            if getattr(scheduler, "base_lrs", None):
+                scheduler.base_lrs[0] = self.lr
+        log.info("resume: optimizer.lr %s -> %s", old, self.lr)

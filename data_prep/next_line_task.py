@@ -69,8 +69,12 @@ def read_raw_corpus(root: str) -> dict[str, list[Doc]]:
             continue
         docs = []
         for path in sorted(glob.glob(os.path.join(ddir, "*.jsonl"))):
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
+            with open(path, "rb") as f:  # decoded line by line, so a bad one is named by its number
+                for n, raw in enumerate(f, 1):
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as err:
+                        raise ValueError(f"{path}:{n}: not UTF-8 ({err.reason} at byte {err.start})") from None
                     if not line.strip():
                         continue
                     try:

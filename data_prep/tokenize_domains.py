@@ -83,15 +83,24 @@ def write_mds_sequences(out_dir: str, sequences: Iterable[np.ndarray], seq_len: 
 # Reading JSONL
 
 
-def _open_text(path: str) -> io.TextIOBase:
+def _open_lines(path: str) -> io.BufferedIOBase:
+    """The file's (decompressed) bytes: lines are decoded one by one, so a line that is not UTF-8
+    is one bad line (named, or skipped with --skip-bad-lines), not the end of the file."""
     if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
+        return gzip.open(path, "rb")
     if path.endswith(".zst"):
         import zstandard
 
         raw = open(path, "rb")
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), encoding="utf-8")
-    return open(path, "rt", encoding="utf-8")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+    return open(path, "rb")
+
+
+def _compressed_error(err: BaseException) -> bool:
+    """A read error meaning the file is not (or not wholly) the compressed format its name says."""
+    import zlib
+
+    return isinstance(err, (gzip.BadGzipFile, EOFError, zlib.error)) or type(err).__name__ == "ZstdError"
 
 
 def _get_dotted(obj: Any, key: str) -> Any:
@@ -217,18 +226,30 @@ def _eos_id(tok) -> int:
 
 def _iter_docs(job: _Job, result: _FileResult) -> Iterator[tuple[str, str]]:
     """(domain, text) per good line; bad lines raise or are counted."""
-    with _open_text(job.path) as f:
+    kind = "gzip" if job.path.endswith(".gz") else "zstd" if job.path.endswith(".zst") else None
+    with _open_lines(job.path) as f:
         lineno = 0
         while True:
             where = f"{job.path}:{lineno + 1}"
             try:
-                line = f.readline()
-            except UnicodeDecodeError as err:
-                raise BadLineError(f"{where}: not UTF-8 ({err.reason})") from err
-            if not line:
+                raw = f.readline()
+            except Exception as err:  # noqa: BLE001 - only decompression errors are the input's fault
+                if kind is None or not _compressed_error(err):
+                    raise
+                raise BadLineError(f"{where}: not a valid {kind} file ({type(err).__name__}: {err}); "
+                                   f"the name ends in {os.path.splitext(job.path)[1]}") from None
+            if not raw:
                 break
             lineno += 1
             result.lines = lineno
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                bad = BadLineError(f"{where}: not UTF-8 ({err.reason} at byte {err.start} of the line)")
+                if not job.skip_bad_lines:
+                    raise bad from None
+                result.skipped["not UTF-8"] = result.skipped.get("not UTF-8", 0) + 1
+                continue
             if not line.strip():
                 continue
             try:

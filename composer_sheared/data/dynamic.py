@@ -128,6 +128,13 @@ class DynamicStreamingDataset(IterableDataset):
 
         kwargs = dict(reader_kwargs or {})
         self._streams = [_open_domain(local, remote, split, d, kwargs, verify) for d in self.domains]
+        first = next((s for s in self._streams if s.seq_len is not None), None)
+        for d, s in zip(self.domains, self._streams):
+            if first is not None and s.seq_len not in (None, first.seq_len):
+                # else: "stack expects each tensor to be equal size" in the first mixed batch
+                raise ValueError(f"domain {d!r} split {split!r}: {s.index_path} holds samples of {s.seq_len} "
+                                 f"tokens, {first.index_path} of {first.seq_len}: every domain needs one "
+                                 f"sequence length")
         data_vocab = data_vocab_size(local)
         if vocab_size is not None and data_vocab is not None:
             check_vocab(local, vocab_size)  # hash-checked shards skip the per-sample check below

@@ -10,7 +10,9 @@ from typing import Any, Callable, Optional
 from streaming import StreamingDataset
 
 from composer_sheared.data.dynamic import token_item
+from composer_sheared.data.checks import read_index
 from composer_sheared.data.integrity import ShardChecker, check_tokens, data_vocab_size
+from composer_sheared.data.remote import DEFAULT_ATTEMPTS, DEFAULT_TIMEOUT, fetch, remote_join
 
 __all__ = ["TokenStreamingDataset", "domain_eval_dataset"]
 
@@ -54,27 +56,47 @@ def domain_eval_dataset(local: str, domain: str, split: str = "eval", remote: Op
     """Unshuffled ``<local>/<split>/<domain>`` (partitioned over ranks by Streaming).
 
     ``batch_size`` is the per-device eval batch size (Streaming uses it to partition).
-    ``vocab_size`` defaults to the one in ``<local>/stats.json``, if any.
+    ``vocab_size`` defaults to the one in ``<local>/stats.json``, if any. With ``remote``, the
+    split's index and shards are fetched into ``local`` now (``remote.fetch``: at most
+    ``download_retry + 1`` tries of ``download_timeout`` seconds, once per node): an eval split
+    is small, and a shard missing on the remote is then an error here, whatever the number of
+    DataLoader workers, instead of a failure in Streaming's background download thread (an
+    empty eval with 0 workers, a hang with 2).
     """
     dom_local = os.path.join(local, split, domain)
-    dom_remote = None if remote is None else os.path.join(remote, split, domain)
-    if dom_remote is None and not os.path.isfile(os.path.join(dom_local, "index.json")):
-        raise FileNotFoundError(f"domain {domain!r} split {split!r}: no MDS index at "
-                                f"{os.path.join(dom_local, 'index.json')} (run data_prep/tokenize_domains.py)")
+    name = f"domain {domain!r} split {split!r}"
+    timeout = float(streaming_kwargs.pop("download_timeout", None) or DEFAULT_TIMEOUT)
+    retry = streaming_kwargs.pop("download_retry", None)
+    attempts = DEFAULT_ATTEMPTS if retry is None else int(retry) + 1
+    index = os.path.join(dom_local, "index.json")
+    if remote is not None:
+        dom_remote = remote_join(remote, split, domain)
+        fetch(remote_join(dom_remote, "index.json"), index, timeout, attempts)
+        for shard in read_index(index).shards:
+            part = shard.get("zip_data") or shard["raw_data"]
+            if not os.path.isfile(os.path.join(dom_local, shard["raw_data"]["basename"])):
+                fetch(remote_join(dom_remote, part["basename"]), os.path.join(dom_local, part["basename"]),
+                      timeout, attempts)
+    elif not os.path.isfile(index):
+        raise FileNotFoundError(f"{name}: no MDS index at {index} (run data_prep/tokenize_domains.py)")
+    if read_index(index).samples == 0:
+        raise ValueError(f"{name}: {index} lists no samples; re-create the data (data_prep/tokenize_domains.py)")
     streaming_kwargs.setdefault("shuffle", False)
     vocab_size = vocab_size if vocab_size is not None else data_vocab_size(local)
     return _retrying_shm_race(lambda: TokenStreamingDataset(
-        local=dom_local, remote=dom_remote, batch_size=batch_size, domain_id=domain_id,
-        name=f"domain {domain!r} split {split!r}", verify=verify, vocab_size=vocab_size, **streaming_kwargs))
+        local=dom_local, remote=None, batch_size=batch_size, domain_id=domain_id,
+        name=name, verify=verify, vocab_size=vocab_size, **streaming_kwargs))
 
 
 SHM_ATTEMPTS = 5
 
 
 def _distributed() -> bool:
+    """More than one rank meets at Streaming's barriers (llm-foundry initialises a process group
+    of one even for a single process: there a retry is as safe as without one)."""
     import torch.distributed as tdist
 
-    return tdist.is_available() and tdist.is_initialized()
+    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
 
 
 def _retrying_shm_race(make: Callable[[], Any], attempts: int = SHM_ATTEMPTS) -> Any:

@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
 __all__ = ["HASH", "VERIFY_MODES", "DataIntegrityError", "ShardChecker", "check_vocab", "data_vocab_size",
-           "check_tokens"]
+           "check_tokens", "file_hash"]
 
 log = logging.getLogger(__name__)
 
@@ -103,15 +104,12 @@ class ShardChecker:
                 hashed = False
                 continue
             try:
-                with open(path, "rb") as f:
-                    data = f.read()
+                size, digest = _size(path), file_hash(path, algo)
             except FileNotFoundError:
                 if missing_ok:
                     return  # not fetched yet: checked when it is first read
                 raise DataIntegrityError(f"{self.where}: shard file {path} is missing") from None
-            from streaming.base.hashing import get_hash
-
-            if len(data) != info.bytes or get_hash(algo, data) != info.hashes[algo]:
+            if size != info.bytes or digest != info.hashes[algo]:
                 at = "" if sample is None else f" (reading sample {sample} of this shard)"
                 raise DataIntegrityError(f"{self.where}: shard file {path}{at} does not match its {algo} hash in "
                                          f"index.json: its bytes are corrupted; re-create the data "
@@ -119,6 +117,30 @@ class ShardChecker:
         self.verified.add(shard_id)
         if hashed:
             self.hashed.add(shard_id)
+
+
+_HASHES: dict[tuple, str] = {}
+RACY_S = 2.0  # a file changed this recently may change again within one mtime tick: not cached
+
+
+def file_hash(path: str, algo: str = HASH) -> str:
+    """Hex digest of a file, remembered per process by (path, inode, size, mtime).
+
+    Config validation hashes the shards, then the datasets check them again when they open:
+    the second time is a lookup. A file modified less than ``RACY_S`` ago is never remembered,
+    as a change within the same mtime tick would go unseen (git's "racy" rule).
+    """
+    from streaming.base.hashing import get_hash
+
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, algo)
+    if key in _HASHES:
+        return _HASHES[key]
+    with open(path, "rb") as f:
+        digest = get_hash(algo, f.read())
+    if time.time() - st.st_mtime > RACY_S:
+        _HASHES[key] = digest
+    return digest
 
 
 def check_tokens(tokens: np.ndarray, vocab_size: Optional[int], where: str) -> None:

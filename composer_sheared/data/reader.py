@@ -5,7 +5,8 @@ domain would also register shared memory for its own partitioning and caching (a
 mosaicml-streaming 0.13 every new instance keeps descriptors to all earlier ones' segments
 open), none of which is used here. ``Stream.get_shards`` gives the same readers Streaming uses
 internally; a missing shard is fetched from ``remote`` (and decompressed) by
-``Stream.prepare_shard``, exactly as ``StreamingDataset.get_item`` does. Plain picklable
+``Stream.prepare_shard``, as ``StreamingDataset.get_item`` does, but through ``remote.fetch``
+(bounded time, named errors, one download per node shared by all workers). Plain picklable
 objects, so DataLoader workers get their own copy (shards verified before the copy stay
 verified). Shard sizes and hashes are checked against ``index.json`` (see ``integrity.py``).
 """
@@ -18,25 +19,48 @@ import numpy as np
 from streaming.base.stream import Stream
 from streaming.base.world import World
 
-from streaming.base.constant import DEFAULT_TIMEOUT
-
+from composer_sheared.data.checks import read_index
 from composer_sheared.data.integrity import ShardChecker
+from composer_sheared.data.remote import DEFAULT_ATTEMPTS, DEFAULT_TIMEOUT, fetch, remote_join
 
-__all__ = ["MDSDirectory"]
+__all__ = ["MDSDirectory", "BoundedStream"]
+
+
+class BoundedStream(Stream):
+    """A Stream whose downloads are ``remote.fetch``: bounded, named on failure, once per node.
+
+    ``download_retry`` keeps Streaming's meaning (re-attempts after the first try).
+    """
+
+    def _download_file(self, from_basename: str, to_basename: Optional[str] = None) -> str:
+        local = os.path.join(self.local, self.split, to_basename or from_basename)
+        if self.remote is None:
+            if not os.path.isfile(local):
+                raise FileNotFoundError(f"{local}: no such file, and no remote to fetch it from")
+            return local
+        return fetch(remote_join(self.remote, self.split, from_basename), local, self.download_timeout,
+                     self.download_retry + 1)
 
 
 class MDSDirectory:
     """Samples of ``local`` (optionally mirrored from ``remote``) by global index.
 
     ``name`` labels error messages; ``verify`` is the hash-check mode of ``ShardChecker``.
+    ``download_timeout`` bounds each connect or read of a download, ``download_retry`` the
+    re-attempts (see ``remote.fetch``).
     """
 
-    def __init__(self, local: str, remote: Optional[str] = None, download_retry: int = 2,
+    def __init__(self, local: str, remote: Optional[str] = None, download_retry: int = DEFAULT_ATTEMPTS - 1,
                  download_timeout: float = DEFAULT_TIMEOUT, allow_unsafe_types: bool = False, *,
                  name: Optional[str] = None, verify: str = "open"):
-        if remote is None and not os.path.isfile(os.path.join(local, "index.json")):
-            raise FileNotFoundError(f"no MDS index at {os.path.join(local, 'index.json')}")
-        self.stream = Stream(remote=remote, local=local)
+        index = os.path.join(local, "index.json")
+        if remote is not None:
+            fetch(remote_join(remote, "index.json"), index, download_timeout, download_retry + 1)
+        elif not os.path.isfile(index):
+            raise FileNotFoundError(f"no MDS index at {index}")
+        info = read_index(index)  # a ValueError naming the file, not Streaming's KeyError or JSONDecodeError
+        self.seq_len = info.seq_len
+        self.stream = BoundedStream(remote=remote, local=local)
         self.stream.apply_default({"split": None, "download_retry": download_retry,
                                    "download_timeout": download_timeout, "validate_hash": None,
                                    "keep_zip": False})
@@ -45,6 +69,7 @@ class MDSDirectory:
         self._ends = np.cumsum(counts)
         self.num_samples = int(self._ends[-1]) if len(counts) else 0
         self.checker = ShardChecker(self.shards, name or local, verify, remote=remote is not None)
+        self.index_path = index
 
     def __len__(self) -> int:
         return self.num_samples

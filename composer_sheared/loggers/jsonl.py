@@ -10,7 +10,8 @@ then ``{"hparams": {...}}`` and ``{"step": batch, "metrics": {...}}`` lines foll
   interrupted run logged after its last checkpoint are replaced by the resumed run's.
 
 Whether the run resumes is known only at ``AFTER_LOAD``, so records logged before it (the
-hyperparameters that algorithms log at ``INIT``) are buffered until then. Rank 0 writes.
+hyperparameters that algorithms log at ``INIT``) are buffered until then. A run that ends before
+``AFTER_LOAD`` (a resume that failed while loading) leaves an existing file as it was. Rank 0 writes.
 """
 from __future__ import annotations
 
@@ -80,8 +81,14 @@ class JSONLLogger(LoggerDestination):
         self._write({"step": step, "metrics": plain(metrics)})
 
     def close(self, state: State, logger: Logger) -> None:
-        if self._header is None and self._pending:  # used without a Trainer's AFTER_LOAD
-            self._start(state.run_name, 0)
+        if self._header is None and self._pending:
+            # No AFTER_LOAD: either used without a Trainer, or the run died while loading (a
+            # refused or failed resume). Only the first may write; a file already there holds
+            # an earlier run's history, which must survive.
+            if self.path.exists() and self.path.stat().st_size > 0:
+                self._pending = []
+            else:
+                self._start(state.run_name, 0)
         if self._fh is not None:
             self._fh.close()
             self._fh = None

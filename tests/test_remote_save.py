@@ -1,0 +1,104 @@
+"""train.py with an object-store save_folder (moto S3 server): checkpoints, metrics.jsonl and the
+sliced HF directory land in the bucket; a second run in a fresh working directory autoresumes from
+the bucket and its metrics file continues the first run's. Config errors of a URI save_folder."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from composer_sheared.config import ConfigError, load_config
+from composer_sheared.fetch import download_prefix
+from composer_sheared.remote_save import check_fresh
+from composer_sheared.report import read_jsonl, series
+from tests.conftest import REPO, TARGET, prune_yaml, subprocess_env
+from tests.s3 import s3  # noqa: F401  (fixture)
+
+FAST_UPLOAD = Path(__file__).parent / "fast_upload"  # its sitecustomize shortens Composer's upload polling
+
+
+def _train(s3, cwd, *args):  # noqa: F811
+    cwd.mkdir(parents=True, exist_ok=True)
+    # a fresh working directory per run, as a new platform container: nothing local survives
+    env = {**subprocess_env(), **s3.env}
+    env["PYTHONPATH"] = f"{FAST_UPLOAD}{os.pathsep}{env['PYTHONPATH']}"
+    r = subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, args)], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def test_checkpoints_metrics_and_hf_dir_go_to_the_bucket_and_autoresume(s3, mds, tmp_path):  # noqa: F811
+    from transformers import AutoConfig
+
+    s3.client.create_bucket(Bucket="ckpt")
+    y = tmp_path / "prune.yaml"
+    OmegaConf.save(OmegaConf.create(prune_yaml(mds, "s3://ckpt/runs/{run_name}", steps=2)), y)
+    r = _train(s3, tmp_path / "c1", y, "autoresume=true", f"local_save_folder={tmp_path / 'stage1'}")
+    keys = s3.keys("ckpt", "runs/tiny-prune/")
+    assert {"runs/tiny-prune/ep0-ba2-rank0.pt", "runs/tiny-prune/latest-rank0.pt.symlink",
+            "runs/tiny-prune/metrics.jsonl", "runs/tiny-prune/pruned_hf/config.json",
+            "runs/tiny-prune/pruned_hf/model.safetensors"} <= set(keys), keys
+    assert "uploaded s3://ckpt/runs/tiny-prune/pruned_hf" in r.stdout
+    assert (tmp_path / "stage1" / "pruned_hf" / "config.json").is_file()  # staged locally first
+
+    hf = download_prefix("s3://ckpt/runs/tiny-prune/pruned_hf", tmp_path / "pruned_hf", progress=False)
+    c = AutoConfig.from_pretrained(hf)
+    assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size) == (
+        TARGET["num_layers"], TARGET["hidden_size"], TARGET["intermediate_size"])
+
+    # longer, in a new container: resumes at batch 2 from the bucket, and the uploaded metrics
+    # file holds both attempts
+    _train(s3, tmp_path / "c2", y, "autoresume=true", "max_duration=4ba", f"local_save_folder={tmp_path / 'stage2'}")
+    assert "runs/tiny-prune/ep0-ba4-rank0.pt" in s3.keys("ckpt", "runs/tiny-prune/")
+    s3.client.download_file("ckpt", "runs/tiny-prune/metrics.jsonl", str(tmp_path / "metrics.jsonl"))
+    recs = read_jsonl(tmp_path / "metrics.jsonl")
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    starts = [line["run"]["start_batch"] for line in lines if "run" in line]
+    assert starts == [0, 2]
+    assert series(recs, "shearing/expected_params")[0] == [1, 2, 3, 4]
+
+    # a fresh run into that folder stops before training (Composer would refuse at the first upload)
+    cfg, _ = load_config(str(y), [f"local_save_folder={tmp_path / 'stage3'}"])
+    with pytest.raises(ConfigError, match=r"^save_folder: s3://ckpt/runs/tiny-prune holds checkpoints of an earlier "
+                                          r"run \(latest-rank0.pt.symlink\); set autoresume=true"):
+        check_fresh(cfg)
+    check_fresh(load_config(str(y), ["save_folder=s3://ckpt/runs/other"])[0])  # an empty folder is fine
+
+
+def _errors(tmp_path, mds, *overrides):
+    y = tmp_path / "p.yaml"
+    OmegaConf.save(OmegaConf.create(prune_yaml(mds, "s3://ckpt/run")), y)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(y), list(overrides))
+    return info.value.problems
+
+
+def test_uri_save_folder_config_errors(tmp_path, mds):
+    problems = _errors(tmp_path, mds, "run_name=null", "dry_run=true")  # checked in dry runs too
+    assert ("save_folder", "s3://ckpt/run is an object store: set run_name (Composer's autoresume finds the "
+                           "run's checkpoints there by it)") in problems
+    problems = dict(_errors(tmp_path, mds, "save_folder=ftp://host/run"))
+    assert problems["save_folder"].startswith("ftp://host/run: unknown object store ftp://; expected a local folder "
+                                              "or one of ") and "s3://" in problems["save_folder"]
+    assert dict(_errors(tmp_path, mds, "hf_save_dir=s3://ckpt/hf"))["hf_save_dir"].startswith(
+        "expected a local path, got s3://ckpt/hf")
+    assert dict(_errors(tmp_path, mds, f"save_folder={tmp_path / 'out'}", "local_save_folder=stage"))[
+        "local_save_folder"].startswith("only used with an object-store save_folder")
+
+
+def test_uri_save_folder_stages_outputs_locally(tmp_path, mds):
+    from composer_sheared.config import hf_output_dir, metrics_path
+
+    y = tmp_path / "p.yaml"
+    OmegaConf.save(OmegaConf.create(prune_yaml(mds, "s3://ckpt/run")), y)
+    cfg, _ = load_config(str(y), [])
+    assert (metrics_path(cfg), hf_output_dir(cfg)) == (Path("runs/tiny-prune/metrics.jsonl"),
+                                                       Path("runs/tiny-prune/pruned_hf"))
+    cfg, _ = load_config(str(y), [f"local_save_folder={tmp_path / 's'}"])
+    assert hf_output_dir(cfg) == tmp_path / "s" / "pruned_hf"
