@@ -148,32 +148,17 @@ def clear_previous_run(cfg: TrainConfig, metrics: Optional[Path], hf_dir: Path) 
     return removed
 
 
-def _unwrap(model):
-    while hasattr(model, "module") and not hasattr(model, "model"):
-        model = model.module  # DDP
-    return model
-
-
 def save_hf_result(state, cfg: TrainConfig, tokenizer, out_dir: Path) -> Optional[Path]:
     """Slice (pruning runs) and save_pretrained the trained model on rank 0 (atomic rename).
 
     Raises NonFiniteModelError, saving nothing, when any weight is NaN or infinite."""
     from composer.utils import dist
 
-    from composer_sheared.algorithms import find_hf_model
+    from composer_sheared.gather import gathered_hf_model
 
-    composer_model = _unwrap(state.model)
-    ctx = contextlib.nullcontext()
-    if state.fsdp_enabled:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        ctx = FSDP.summon_full_params(composer_model, writeback=False, rank0_only=True, offload_to_cpu=True)
     result, error = None, None
-    with ctx:
-        if dist.get_global_rank() == 0:
-            hf = find_hf_model(composer_model)
-            was_training = hf.training
-            hf.eval()
+    with gathered_hf_model(state) as hf:
+        if hf is not None:
             try:
                 check_finite(hf)
                 if cfg.pruning is not None:
@@ -195,8 +180,6 @@ def save_hf_result(state, cfg: TrainConfig, tokenizer, out_dir: Path) -> Optiona
                 result = out_dir
             except NonFiniteModelError as err:
                 error = err  # raised after the barrier, so other ranks are not left waiting
-            finally:
-                hf.train(was_training)
     dist.barrier()
     if error is not None:
         raise error

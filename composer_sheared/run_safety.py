@@ -17,14 +17,18 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from composer_sheared.atomic import NoSpaceError, find_no_space
-from composer_sheared.config import ConfigError, Resolved, TrainConfig, hf_output_dir, plain, resume_folder
+from composer_sheared.config import (ConfigError, Resolved, TrainConfig, hf_output_dir, output_folder, plain,
+                                     resume_folder)
 
 __all__ = ["hold_save_folder", "start_resume", "record_config", "trained_to_the_end",
            "no_space"]
 
 
 def _folder(cfg: TrainConfig) -> Optional[str]:
-    return cfg.save_folder if cfg.save_folder and "://" not in cfg.save_folder else None
+    """The local folder the run writes into: save_folder, or the staging folder of an object-store one
+    (two runs of one run_name on a host would write the same staging files)."""
+    folder = output_folder(cfg)
+    return None if folder is None else str(folder)
 
 
 def _rank() -> int:

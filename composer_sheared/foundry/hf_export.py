@@ -8,48 +8,11 @@ Everything else (save folder, upload, MLflow registration, intervals) stays foun
 replaces a private method, so it is tested against the pinned foundry (tests/test_foundry.py)."""
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Optional
+from typing import Any
 
-import torch
+from composer_sheared.gather import composer_model_of, sliced_hf_model
 
 __all__ = ["export_sliced", "sliced_hf_model"]
-
-
-def _composer_model(state):
-    model = state.model
-    while hasattr(model, "module") and not hasattr(model, "model"):
-        model = model.module  # DDP
-    return model
-
-
-def sliced_hf_model(state, dtype: Optional[torch.dtype] = None):
-    """Rank 0: a new HF model of the pruning target with the trained weights sliced (on CPU under
-    FSDP); other ranks: None. Collective under FSDP: every rank must call it."""
-    from composer.utils import dist
-
-    from composer_sheared.algorithms import find_hf_model
-    from composer_sheared.pruning import prune_to_target
-
-    composer_model = _composer_model(state)
-    ctx = contextlib.nullcontext()
-    if state.fsdp_enabled:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        ctx = FSDP.summon_full_params(composer_model, writeback=False, rank0_only=True, offload_to_cpu=True)
-    sliced = None
-    with ctx:
-        if dist.get_global_rank() == 0:
-            hf = find_hf_model(composer_model)
-            was_training = hf.training
-            hf.eval()
-            try:
-                sliced = prune_to_target(hf)
-            finally:
-                hf.train(was_training)
-            if dtype is not None:
-                sliced = sliced.to(dtype=dtype)
-    return sliced
 
 
 def export_sliced(checkpointer: Any) -> None:
@@ -61,7 +24,7 @@ def export_sliced(checkpointer: Any) -> None:
         from composer.utils import dist
 
         checkpointer.last_checkpoint_batch = state.timestamp.batch
-        tokenizer = _composer_model(state).tokenizer
+        tokenizer = composer_model_of(state).tokenizer
         model = sliced_hf_model(state, dtype=checkpointer.dtype)
         if dist.get_global_rank() == 0:
             model, tokenizer = checkpointer.transform_model_and_tokenizer(model, tokenizer)
