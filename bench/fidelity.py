@@ -40,7 +40,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # data_prep is a top-level folder of the repository, not installed
     sys.path.insert(0, str(REPO))
 
-DOMAINS = ("code", "legal", "docs", "changelog")
+from composer_sheared.demo import DOMAINS, build_data as build_demo_data, demo_target  # noqa: E402
+
 ARMS = {
     "a": "paper: learned masks, uniform init, Lagrangian",
     "b": "projected schedule + importance init + smooth gates",
@@ -62,8 +63,7 @@ CONTINUE_LR = {"a": 5e-4, "b": 1e-4, "c": 5e-4, "d": 5e-4, "e": 5e-4, "f": 1e-4,
                "j": 5e-4}
 PRUNING_ARMS = ("a", "b", "f", "g", "i", "j")
 DISTILLING_ARMS = ("g", "h", "j")
-TARGET = {"num_layers": 24, "hidden_size": 512, "num_attention_heads": 6, "num_key_value_heads": 3,
-          "intermediate_size": 1024}
+TARGET = demo_target()
 
 
 @dataclass
@@ -110,22 +110,7 @@ def _log(msg: str) -> None:
 
 
 def build_data(out: Path, src_dir: Path, p: Preset) -> Path:
-    from data_prep.local_corpus import build_local_corpus
-    from data_prep.tokenize_domains import tokenize_domains
-
-    mds = out / "mds"
-    stats = mds / "stats.json"
-    if stats.exists():
-        s = json.loads(stats.read_text())
-        if s.get("seq_len") == p.seq_len and s.get("eval_sequences") == p.eval_sequences:
-            return mds
-    corpus = out / "corpus"
-    if corpus.exists():
-        shutil.rmtree(corpus)
-    build_local_corpus(str(corpus), domains=DOMAINS, max_bytes_per_domain=p.corpus_bytes)
-    tokenize_domains(str(corpus), str(mds), str(src_dir), p.seq_len, p.eval_sequences, overwrite=True,
-                     workers=min(2, os.cpu_count() or 1))
-    return mds
+    return build_demo_data(out, src_dir, p.seq_len, p.corpus_bytes, p.eval_sequences, log=_log)
 
 
 def run_stage(yaml: str, overrides: list[str], log_file: Path) -> float:

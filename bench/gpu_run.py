@@ -93,6 +93,15 @@ def _fmt(x, spec: str = ".3f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def _not_run_row(item: dict, lead: list, blanks: int) -> str | None:
+    """The table row of an item that was skipped or failed (its leading cells, the reason, empty
+    cells to the table's width), or None for an item that ran."""
+    if "skipped" not in item and "error" not in item:
+        return None
+    reason = item.get("skipped") or item["error"].splitlines()[0]
+    return "| " + " | ".join(str(c) for c in [*lead, reason]) + " |" + " |" * blanks
+
+
 # ----------------------------------------------------------------------------------------------
 # env
 
@@ -136,8 +145,8 @@ def _mask_md(sec) -> list[str]:
          "| shape | variant | dense step s | masked step s | masked / dense (min-max) | peak GiB dense -> masked | memory ratio |",
          "| --- | --- | --- | --- | --- | --- | --- |"]
     for it in sec["items"]:
-        if "error" in it or "skipped" in it:
-            L.append(f"| {it['shape']} | {it['variant']} | {it.get('skipped') or it['error'].splitlines()[0]} | | | | |")
+        if row := _not_run_row(it, [it["shape"], it["variant"]], 4):
+            L.append(row)
             continue
         pk = it["peak_gib"]
         mem = f"{pk['dense']:.1f} -> {pk['masked']:.1f}" if pk else "-"
@@ -227,9 +236,8 @@ def _gpu_check_md(sec) -> list[str]:
          "bf16 argmax agree | masked = sliced |",
          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sec["items"]:
-        if "skipped" in r or "error" in r:
-            L.append(f"| {r['case']} | {r.get('weights', '')} | {r.get('skipped') or r['error'].splitlines()[0]} "
-                     "| | | | | | | |")
+        if row := _not_run_row(r, [r["case"], r.get("weights", "")], 7):
+            L.append(row)
             continue
         f32, b16 = r["parity"].get("float32", {}), r["parity"].get("bfloat16", {})
         L.append(f"| {r['case']} | {r['weights']} | {r['wall_s']:.0f} | {_fmt(r.get('tokens_per_s'), ',.0f')} | "
@@ -260,14 +268,12 @@ def check_gpu_check(ctx) -> None:
         }
         steps = 2
     else:
+        targets = gc_.case_targets()
         cases = {
             "llama2-7b-4layers": dict(model={"config": {"shape": "llama2-7b-4layers"}}, weights="random init",
-                                      vocab=32000, seq=1024, batch=4, est=90,
-                                      target={"num_layers": 3, "hidden_size": 2560, "num_attention_heads": 20,
-                                              "intermediate_size": 6912}),
+                                      vocab=32000, seq=1024, batch=4, est=90, target=targets["llama2-7b-4layers"]),
             "smollm2-135m": dict(model={"source": None}, weights="real (GGUF)", vocab=49152, seq=512, batch=8, est=45,
-                                 target={"num_layers": 24, "hidden_size": 512, "num_attention_heads": 6,
-                                         "num_key_value_heads": 3, "intermediate_size": 1024}),
+                                 target=targets["smollm2-135m"]),
         }
         steps = 4
     out = ctx.work / "gpu_check"
@@ -327,8 +333,8 @@ def _decode_md(sec) -> list[str]:
          f"{_fmt(sec.get('flop_ratio'), '.2f')}.\n",
          "| batch | source tok/s | pruned tok/s | speed-up | speed-up / FLOP ratio |", "| ---: | ---: | ---: | ---: | ---: |"]
     for it in sec["items"]:
-        if "skipped" in it or "error" in it:
-            L.append(f"| {it['batch']} | {it.get('skipped') or it['error'].splitlines()[0]} | | | |")
+        if row := _not_run_row(it, [it["batch"]], 3):
+            L.append(row)
             continue
         L.append(f"| {it['batch']} | {it['tps'][0]:,.1f} | {it['tps'][1]:,.1f} | **{it['speedup']:.2f}x** | "
                  f"{it['speedup'] / sec['flop_ratio']:.2f} |")
@@ -468,18 +474,12 @@ def fidelity_in_process(device: str, tiny: bool):
 
 def build_data(ctx, p) -> Path:
     """bench/fidelity.py's local corpus, tokenized with every core of the machine."""
-    from data_prep.local_corpus import build_local_corpus
-    from data_prep.tokenize_domains import tokenize_domains
-    from fidelity import DOMAINS
+    from composer_sheared.demo import build_data as build_demo_data
 
     mds = ctx.work / "fidelity" / f"mds_s{p.seq_len}_e{p.eval_sequences}_b{p.corpus_bytes}"
-    if (mds / "stats.json").exists():
-        return mds
-    corpus = mds.with_name(mds.name + "_corpus")
-    build_local_corpus(str(corpus), domains=DOMAINS, max_bytes_per_domain=p.corpus_bytes)
-    tokenize_domains(str(corpus), str(mds), str(ctx.source()), p.seq_len, p.eval_sequences, overwrite=True,
-                     workers=max(1, min(16, os.cpu_count() or 1)))
-    return mds
+    return build_demo_data(mds.parent, ctx.source(), p.seq_len, p.corpus_bytes, p.eval_sequences, mds=mds,
+                           workers=max(1, min(16, os.cpu_count() or 1)),
+                           log=lambda msg: print(f"[gpu_run] {msg}", flush=True))
 
 
 def probe_pruning(ctx, p, mds: Path, refs, steps: int) -> dict:
@@ -522,8 +522,8 @@ def _fidelity_md(sec) -> list[str]:
     L += ["| arm | method | after pruning | after continued | max excess over ref | tokens | wall s |",
           "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in sec["items"]:
-        if "skipped" in r or "error" in r:
-            L.append(f"| {r['arm']} | {r.get('label', '')} | {r.get('skipped') or r['error'].splitlines()[0]} | | | | |")
+        if row := _not_run_row(r, [r["arm"], r.get("label", "")], 4):
+            L.append(row)
             continue
         L.append(f"| {r['arm']} | {r['label']} | {r['pruned_mean']:.3f} | **{r['final_mean']:.3f}** | "
                  f"{r['final_max_excess']:.3f} | {r['tokens']:,} | {r['wall_s']:.0f} |")

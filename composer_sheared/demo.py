@@ -27,9 +27,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-DOMAINS = ("code", "legal", "docs", "changelog")
+from data_prep.local_corpus import DOMAINS
+
+DEMO_RECIPES = ("demo/prune_smollm2", "demo/continue_smollm2")
 PROMPTS = [
     "def fibonacci(n):\n",
     "Permission is hereby granted, free of charge,",
@@ -42,23 +44,41 @@ def _step(msg: str) -> None:
     print(f"\n[demo] {msg}", flush=True)
 
 
+def _note(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def demo_target() -> dict:
+    """The shape the demo prunes to, as its pruning recipe states it (bench/fidelity.py reads it too)."""
+    from omegaconf import OmegaConf
+
+    from composer_sheared.recipes import recipe_path
+
+    return dict(OmegaConf.to_container(OmegaConf.load(recipe_path(DEMO_RECIPES[0])).pruning.target))
+
+
 def build_data(out: Path, tokenizer_dir: Path, seq_len: int, max_bytes: int, eval_sequences: int,
-               fresh: bool) -> Path:
+               fresh: bool = False, *, mds: Optional[Path] = None, workers: Optional[int] = None,
+               log: Callable[[str], None] = _note) -> Path:
+    """The local corpus of DOMAINS tokenized into per-domain MDS shards (the demo's and the fidelity
+    bench's data): `mds` (default out/mds), its text under out/corpus; kept when its stats.json
+    records the same seq_len and eval_sequences, unless `fresh`."""
     from data_prep.local_corpus import build_local_corpus
     from data_prep.tokenize_domains import tokenize_domains
 
-    corpus, mds = out / "corpus", out / "mds"
+    mds = out / "mds" if mds is None else mds
+    corpus = out / "corpus"
     stats_file = mds / "stats.json"
     if stats_file.exists() and not fresh:
         stats = json.loads(stats_file.read_text())
         if stats.get("seq_len") == seq_len and stats.get("eval_sequences") == eval_sequences:
-            print(f"[demo] reusing {mds}", flush=True)
+            log(f"reusing {mds}")
             return mds
     if corpus.exists():
         shutil.rmtree(corpus)
     build_local_corpus(str(corpus), domains=DOMAINS, max_bytes_per_domain=max_bytes)
     tokenize_domains(str(corpus), str(mds), str(tokenizer_dir), seq_len, eval_sequences, overwrite=True,
-                     workers=min(2, os.cpu_count() or 1))
+                     workers=workers or min(2, os.cpu_count() or 1))
     return mds
 
 
@@ -172,9 +192,9 @@ def main(argv=None) -> int:
         return hf_output_dir(cfg), (cfg, resolved)
 
     stages = (("pruning", f"4/6 pruning {args.prune_steps} steps with dynamic batch loading, then slicing",
-               "demo/prune_smollm2", "prune", args.prune_steps, args.prune_batch_size),
+               DEMO_RECIPES[0], "prune", args.prune_steps, args.prune_batch_size),
               ("continued pretraining", f"5/6 continued pretraining {args.continue_steps} steps with dynamic "
-               "batch loading", "demo/continue_smollm2", "continue", args.continue_steps, args.batch_size))
+               "batch loading", DEMO_RECIPES[1], "continue", args.continue_steps, args.batch_size))
     hf_dirs, configs, source = [], [], src_dir
     for name, title, yaml, folder, steps, batch in stages:
         _step(title)

@@ -13,7 +13,6 @@ module level or in parametrize; fixtures for what a test only receives:
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -123,22 +122,9 @@ def make_trainer(max_duration="40ba", warmup="20ba", seed=7, batch_size=4, token
 
 def make_data(root: Path, domains=DOMAINS, n_train: int = 48, n_eval: int = 8, seq: int = SEQ) -> Path:
     """Per-domain MDS shards: each domain a different periodic pattern + noise, so losses differ."""
-    import numpy as np
+    from data_prep.synthetic import write_periodic_domains
 
-    from data_prep.tokenize_domains import write_mds_sequences
-
-    rng = np.random.default_rng(0)
-    for i, dom in enumerate(domains):
-        def seqs(n):
-            for _ in range(n):
-                s = (rng.integers(0, VOCAB) + np.arange(seq) * (i + 1)) % VOCAB
-                noise = rng.random(seq) < 0.2 * (i + 1)
-                s[noise] = rng.integers(0, VOCAB, noise.sum())
-                yield s
-        write_mds_sequences(str(root / "train" / dom), seqs(n_train), seq, VOCAB)
-        write_mds_sequences(str(root / "eval" / dom), seqs(n_eval), seq, VOCAB)
-    (root / "stats.json").write_text(json.dumps({"seq_len": seq, "vocab_size": VOCAB}))
-    return root
+    return write_periodic_domains(root, domains, VOCAB, seq, n_train, n_eval, noise=lambda i: 0.2 * (i + 1))
 
 
 def prune_yaml(data: Path, out: Path, steps: int = 4) -> dict:

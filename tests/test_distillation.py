@@ -16,6 +16,7 @@ from composer_sheared.distill import (apply_distillation, frozen_copy, kd_loss, 
 from composer_sheared.pruning import apply_shearing
 from tests.conftest import TARGET, TokenDataset
 from tests.conftest import randomize_masks, tiny_model
+from tests.helpers import assert_differs
 
 
 def test_kd_matches_a_hand_computation_with_temperature():
@@ -114,7 +115,7 @@ def test_frozen_copy_strips_masks_and_leaves_the_student_masked():
     with torch.no_grad():
         t, d, s = teacher(ids).logits, dense(ids).logits, student(ids).logits
     assert torch.equal(t, d)  # the dense model
-    assert (s - d).abs().max() > 1e-3  # the student is still masked
+    assert_differs(s, d, 1e-3)  # the student is still masked
     assert teacher.model.layers[0].self_attn.o_proj.weight.data_ptr() != \
         student.model.layers[0].self_attn.o_proj.weight.data_ptr()
 
@@ -287,12 +288,6 @@ def test_bad_arguments_are_named():
         make_trainer(max_duration="1ba", loggers=[logger], extra_algorithms=[Distillation(teacher=other)])
 
 
-def test_core_imports_no_composer():
-    code = ("import sys, composer_sheared.distill\n"
-            "sys.exit(any(m == 'composer' or m.startswith('composer.') for m in sys.modules))")
-    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
-
-
 _TWO_RANK_FSDP = r'''
 import sys, types, torch, torch.distributed as tdist
 from unittest import mock
@@ -331,6 +326,7 @@ sys.exit(0 if ok else 1)
 '''
 
 
+@pytest.mark.slow
 def test_teacher_is_sharded_under_fsdp(tmp_path):
     """Two gloo ranks: the teacher wrapped with the student's FSDP config (Composer's helper, with
     its CUDA device lookup pointed at the CPU) holds half the weights per rank, one FSDP unit per

@@ -62,6 +62,7 @@ def uninterrupted(inputs, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_prunes_from_yaml_alone_and_exports_the_sliced_target(inputs, uninterrupted):
     from transformers import AutoModelForCausalLM
 
@@ -89,6 +90,7 @@ def test_prunes_from_yaml_alone_and_exports_the_sliced_target(inputs, uninterrup
         assert_close(sliced(ids).logits, masked(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_equals_the_uninterrupted_one(inputs, uninterrupted, tmp_path):
     model_dir, data = inputs
     out = tmp_path / "run"
@@ -112,6 +114,7 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(inputs, uninterrupt
     assert dbl_b["history"] == dbl_a["history"]
 
 
+@pytest.mark.slow
 def test_distillation_from_a_foundry_yaml(inputs, tmp_path):
     model_dir, data = inputs
     out = tmp_path / "run"

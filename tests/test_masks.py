@@ -7,10 +7,7 @@ import torch
 from composer_sheared import apply_shearing
 from composer_sheared.pruning import get_masks, remove_shearing
 from composer_sheared.pruning.hard_concrete import prob_nonzero, sample_gates, topk_gates
-from tests.conftest import randomize_masks, tiny_model
-
-TARGET = {"num_layers": 2, "hidden_size": 24, "num_attention_heads": 4, "num_key_value_heads": 2,
-          "intermediate_size": 30}
+from tests.conftest import TARGET, randomize_masks, tiny_model
 
 
 def test_prob_nonzero_matches_sampling():

@@ -82,6 +82,7 @@ def test_parses_with_mcli_and_nothing_is_left_unset(path):
     assert overrides.get("model.source") in {_expand(a[1], env) for a in fetches}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
 def test_training_line_dry_runs(path):
     rc = _run_config(path)

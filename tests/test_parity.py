@@ -5,6 +5,7 @@ from transformers import AutoModelForCausalLM
 
 from composer_sheared import ModelShape, apply_shearing, prune_to_target
 from tests.conftest import randomize_masks, tiny_model
+from tests.helpers import assert_differs, assert_same_function
 
 # (family, source overrides, target) — each row exercises one structure or combination.
 CASES = {
@@ -54,9 +55,9 @@ def test_masked_equals_sliced(case, attn, fold, schedule):
     with torch.no_grad():
         masked_logits = model(ids).logits
         sliced_logits = sliced(ids).logits
-    assert (masked_logits - sliced_logits).abs().max().item() <= 1e-4
+    assert_same_function(masked_logits, sliced_logits, atol=1e-4)
     # The comparison is not vacuous: masking changed the function.
-    assert (masked_logits - dense_logits).abs().max().item() > 1e-2
+    assert_differs(masked_logits, dense_logits, 1e-2)
     # The sliced model has exactly the target shape and parameter count.
     shape = ModelShape.from_hf_config(sliced.config)
     assert shape == masks.target
@@ -79,8 +80,7 @@ def test_save_pretrained_roundtrip(tmp_path, roundtrip_case):
     assert (tmp_path / "out" / "model.safetensors").exists()
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
     with torch.no_grad():
-        diff = (model(ids).logits - loaded(ids).logits).abs().max().item()
-    assert diff <= 1e-4
+        assert_same_function(model(ids).logits, loaded(ids).logits, atol=1e-4)
     assert loaded.config.head_dim == masks.source.head_dim
     assert loaded.config.tie_word_embeddings == masks.source.tie_word_embeddings
 
@@ -95,4 +95,4 @@ def test_bf16_masked_close_to_sliced():
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
     with torch.no_grad():
         a, b = model(ids).logits.float(), sliced(ids).logits.float()
-    assert (a - b).abs().max().item() <= 0.05 * a.abs().max().item()
+    assert_same_function(a, b, atol=0.05 * a.abs().max().item())

@@ -28,6 +28,7 @@ def test_dry_run_matches_paper(yaml, name, capsys):
     assert f"{paper:,}" in out and "GPU-hours" in out and "A100" in out and "H100" in out
 
 
+@pytest.mark.slow
 def test_dry_run_cli_needs_no_data_or_weights():
     r = subprocess.run([sys.executable, "train.py", "yamls/prune_2.7b.yaml", "dry_run=true",
                         "data.local=/does/not/exist", "model.source=/no/such/model"],

@@ -33,6 +33,7 @@ def _train(s3, cwd, *args):  # noqa: F811
     return r
 
 
+@pytest.mark.slow
 def test_checkpoints_metrics_and_hf_dir_go_to_the_bucket_and_autoresume(s3, mds, tmp_path):  # noqa: F811
     from transformers import AutoConfig
 

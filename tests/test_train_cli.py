@@ -6,10 +6,13 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from composer_sheared.report import read_jsonl, series
 from tests.conftest import TARGET, prune_yaml
+
+pytestmark = pytest.mark.slow  # every test starts train.py in a subprocess
 
 
 def _write(cfg: dict, path: Path) -> Path:

@@ -100,6 +100,114 @@ class _Stats:
         return self.sums[key] / max(self.tokens, 1.0)
 
 
+def _check_metrics(layer_metric: str, kv_reduce: str) -> None:
+    if layer_metric not in LAYER_METRICS:
+        raise ValueError(f"layer_metric={layer_metric!r}; expected one of {LAYER_METRICS}")
+    if kv_reduce not in ("sum", "max"):
+        raise ValueError(f"kv_reduce={kv_reduce!r}; expected 'sum' or 'max'")
+
+
+def _head_norm_hook(o_proj: nn.Linear, num_heads: int, head_dim: int, stats: _Stats, i: int):
+    """Pre-hook of o_proj: the norm of each head's own contribution to the attention output."""
+    w = o_proj.weight.float().reshape(-1, num_heads, head_dim)  # [d, H, hd]
+    # ||W_o[:, h] x_h|| via the per-head Gram matrix: hd^2 instead of d*hd work and memory per
+    # token and head.
+    gram = torch.einsum("dhk,dhl->hkl", w, w)  # [H, hd, hd]
+
+    def hook(module, args):
+        xh = args[0].float().reshape(*args[0].shape[:-1], num_heads, head_dim)  # every head's context vector
+        sq = torch.einsum("bthk,hkl,bthl->bth", xh, gram.to(xh.device), xh)
+        stats.add(("head", i), sq.clamp_min(0).sqrt())
+    return hook
+
+
+def _channel_hook(down_proj: nn.Linear, stats: _Stats, i: int):
+    """Pre-hook of down_proj: |its input| times the norm of the column each channel writes."""
+    col_norm = down_proj.weight.float().norm(dim=0)  # [m]
+
+    def hook(module, args):
+        stats.add(("inter", i), args[0].abs() * col_norm.to(args[0].device))
+    return hook
+
+
+def _norm_hook(stats: _Stats):
+    def hook(module, args, out):
+        stats.add("hidden", out.abs())
+    return hook
+
+
+def _block_influence_hook(stats: _Stats, i: int):
+    """Forward hook of a decoder layer: 1 - cos(its residual input, its output)."""
+    def hook(module, args, kwargs, out):
+        x = args[0] if args else kwargs["hidden_states"]
+        cos = F.cosine_similarity(x.float(), _hidden_of(out).float(), dim=-1)
+        stats.add(("layer", i), 1 - cos)
+    return hook
+
+
+def _register_hooks(model: nn.Module, source: ModelShape, wanted: Sequence[str], layer_metric: str,
+                    stats: _Stats) -> list:
+    """The forward hooks that accumulate the activation statistics of `wanted` into `stats`."""
+    base, handles = model.model, []
+    norm_hook = _norm_hook(stats)
+    for i, layer in enumerate(base.layers):
+        if "kv_group" in wanted or "q_head" in wanted:
+            hook = _head_norm_hook(layer.self_attn.o_proj, source.num_attention_heads, source.head_dim, stats, i)
+            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(hook))
+        if "intermediate" in wanted:
+            handles.append(layer.mlp.down_proj.register_forward_pre_hook(_channel_hook(layer.mlp.down_proj, stats, i)))
+        if "hidden" in wanted:
+            handles += [layer.input_layernorm.register_forward_hook(norm_hook),
+                        layer.post_attention_layernorm.register_forward_hook(norm_hook)]
+        if "layer" in wanted and layer_metric == "block_influence":
+            handles.append(layer.register_forward_hook(_block_influence_hook(stats, i), with_kwargs=True))
+    if "hidden" in wanted:
+        handles.append(base.norm.register_forward_hook(norm_hook))
+    return handles
+
+
+def _calibrate(model: nn.Module, batches: Iterable[Any], stats: _Stats, keep: int, progress: bool
+               ) -> list[dict[str, torch.Tensor]]:
+    """One forward pass over `batches` (the hooks collect); returns the first `keep` batches."""
+    device = next(model.parameters()).device
+    kept: list[dict[str, torch.Tensor]] = []
+    it = batches
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(batches, desc="calibration", leave=False)
+    for batch in it:
+        batch = _as_batch(batch, device)
+        stats.weight = _token_mask(batch)
+        stats.tokens += float(stats.weight.sum())
+        model(**batch)
+        if len(kept) < keep:
+            kept.append(batch)
+    if stats.tokens == 0:
+        raise ValueError("no calibration tokens: `batches` was empty")
+    return kept
+
+
+def _activation_scores(stats: _Stats, source: ModelShape, wanted: Sequence[str], layer_metric: str, kv_reduce: str
+                       ) -> dict[str, torch.Tensor]:
+    """The scores of every wanted structure from the collected means (a skip-loss `layer` aside)."""
+    L, G, g = source.num_layers, source.num_key_value_heads, source.group_size
+    scores: dict[str, torch.Tensor] = {}
+    if "kv_group" in wanted or "q_head" in wanted:
+        heads = torch.stack([stats.mean(("head", i)) for i in range(L)]).reshape(L, G, g)
+        if "q_head" in wanted:
+            scores["q_head"] = heads
+        if "kv_group" in wanted:
+            scores["kv_group"] = heads.sum(-1) if kv_reduce == "sum" else heads.amax(-1)
+    if "intermediate" in wanted:
+        scores["intermediate"] = torch.stack([stats.mean(("inter", i)) for i in range(L)])
+    if "hidden" in wanted:
+        scores["hidden"] = stats.mean("hidden")
+    if "layer" in wanted and layer_metric == "block_influence":
+        scores["layer"] = torch.stack([stats.mean(("layer", i)) for i in range(L)])
+    return scores
+
+
 @torch.no_grad()
 def compute_importance(
     model: nn.Module,
@@ -121,98 +229,19 @@ def compute_importance(
     """
     source = check_supported(model)
     wanted = _wanted(structures)
-    if layer_metric not in LAYER_METRICS:
-        raise ValueError(f"layer_metric={layer_metric!r}; expected one of {LAYER_METRICS}")
-    if kv_reduce not in ("sum", "max"):
-        raise ValueError(f"kv_reduce={kv_reduce!r}; expected 'sum' or 'max'")
-    L, G, g, hd = source.num_layers, source.num_key_value_heads, source.group_size, source.head_dim
-    H = source.num_attention_heads
-    base = model.model
-    device = next(model.parameters()).device
+    _check_metrics(layer_metric, kv_reduce)
+    skip = layer_metric == "skip_loss" and "layer" in wanted
     stats = _Stats()
-    need_heads = "kv_group" in wanted or "q_head" in wanted
-    need_layer_cos = "layer" in wanted and layer_metric == "block_influence"
-    handles = []
-
-    def o_proj_hook(i):
-        w = base.layers[i].self_attn.o_proj.weight.float().reshape(-1, H, hd)  # [d, H, hd]
-        # The norm of each head's own contribution to the attention output, ||W_o[:, h] x_h||, via
-        # the per-head Gram matrix: hd^2 instead of d*hd work and memory per token and head.
-        gram = torch.einsum("dhk,dhl->hkl", w, w)  # [H, hd, hd]
-
-        def hook(module, args):
-            xh = args[0].float().reshape(*args[0].shape[:-1], H, hd)  # the context vector of every head
-            sq = torch.einsum("bthk,hkl,bthl->bth", xh, gram.to(xh.device), xh)
-            stats.add(("head", i), sq.clamp_min(0).sqrt())
-        return hook
-
-    def down_proj_hook(i):
-        col_norm = base.layers[i].mlp.down_proj.weight.float().norm(dim=0)  # [m]
-
-        def hook(module, args):
-            stats.add(("inter", i), args[0].abs() * col_norm.to(args[0].device))
-        return hook
-
-    def norm_hook(module, args, out):
-        stats.add("hidden", out.abs())
-
-    def layer_hook(i):
-        def hook(module, args, kwargs, out):
-            x = args[0] if args else kwargs["hidden_states"]
-            cos = F.cosine_similarity(x.float(), _hidden_of(out).float(), dim=-1)
-            stats.add(("layer", i), 1 - cos)
-        return hook
-
-    for i, layer in enumerate(base.layers):
-        if need_heads:
-            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(o_proj_hook(i)))
-        if "intermediate" in wanted:
-            handles.append(layer.mlp.down_proj.register_forward_pre_hook(down_proj_hook(i)))
-        if "hidden" in wanted:
-            handles += [layer.input_layernorm.register_forward_hook(norm_hook),
-                        layer.post_attention_layernorm.register_forward_hook(norm_hook)]
-        if need_layer_cos:
-            handles.append(layer.register_forward_hook(layer_hook(i), with_kwargs=True))
-    if "hidden" in wanted:
-        handles.append(base.norm.register_forward_hook(norm_hook))
-
+    handles = _register_hooks(model, source, wanted, layer_metric, stats)
     was_training = model.training
     model.eval()
-    kept: list[dict[str, torch.Tensor]] = []  # the batches the skip metric reuses
     try:
-        it = batches
-        if progress:
-            from tqdm import tqdm
-
-            it = tqdm(batches, desc="calibration", leave=False)
-        for batch in it:
-            batch = _as_batch(batch, device)
-            stats.weight = _token_mask(batch)
-            stats.tokens += float(stats.weight.sum())
-            model(**batch)
-            if layer_metric == "skip_loss" and "layer" in wanted and len(kept) < skip_batches:
-                kept.append(batch)
-        for h in handles:
+        kept = _calibrate(model, batches, stats, skip_batches if skip else 0, progress)
+        for h in handles:  # the skip-loss passes must not add to the statistics
             h.remove()
-        handles = []
-        if stats.tokens == 0:
-            raise ValueError("no calibration tokens: `batches` was empty")
-        scores: dict[str, torch.Tensor] = {}
-        if need_heads:
-            heads = torch.stack([stats.mean(("head", i)) for i in range(L)]).reshape(L, G, g)
-            if "q_head" in wanted:
-                scores["q_head"] = heads
-            if "kv_group" in wanted:
-                scores["kv_group"] = heads.sum(-1) if kv_reduce == "sum" else heads.amax(-1)
-        if "intermediate" in wanted:
-            scores["intermediate"] = torch.stack([stats.mean(("inter", i)) for i in range(L)])
-        if "hidden" in wanted:
-            scores["hidden"] = stats.mean("hidden")
-        if "layer" in wanted:
-            if layer_metric == "block_influence":
-                scores["layer"] = torch.stack([stats.mean(("layer", i)) for i in range(L)])
-            else:
-                scores["layer"] = _skip_loss(model, kept, progress)
+        scores = _activation_scores(stats, source, wanted, layer_metric, kv_reduce)
+        if skip:
+            scores["layer"] = _skip_loss(model, kept, progress)
     finally:
         for h in handles:
             h.remove()
