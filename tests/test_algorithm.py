@@ -133,7 +133,7 @@ def test_composer_compile_config_compiles_once():
 
 
 @pytest.mark.slow
-@pytest.mark.multirank
+@pytest.mark.serial
 def test_two_ranks_keep_identical_masks(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(

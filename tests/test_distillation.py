@@ -327,7 +327,7 @@ sys.exit(0 if ok else 1)
 
 
 @pytest.mark.slow
-@pytest.mark.multirank
+@pytest.mark.serial
 def test_teacher_is_sharded_under_fsdp(tmp_path):
     """Two gloo ranks: the teacher wrapped with the student's FSDP config (Composer's helper, with
     its CUDA device lookup pointed at the CPU) holds half the weights per rank, one FSDP unit per

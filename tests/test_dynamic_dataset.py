@@ -236,7 +236,7 @@ def _rank_main(rank, world, root, port, out):
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.multirank
+@pytest.mark.serial
 def test_two_real_ranks_with_gloo(data_root, tmp_path):
     import socket
 

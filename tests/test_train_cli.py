@@ -63,7 +63,7 @@ def test_prune_slice_continue_and_rerun(mds, tmp_path, run_train):
     assert not torch.equal(final.model.embed_tokens.weight, model.model.embed_tokens.weight), "weights did not train"
 
 
-@pytest.mark.multirank
+@pytest.mark.serial
 def test_ddp_two_ranks_cpu(mds, tmp_path, run_train):
     y = _write(prune_yaml(mds, tmp_path / "ddp"), tmp_path / "ddp.yaml")
     composer = str(Path(sys.executable).parent / "composer")
