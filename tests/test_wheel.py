@@ -139,8 +139,6 @@ def test_installed_wheel_works_outside_the_checkout(built):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(not (REPO / "composer_sheared" / "recipe.py").exists(), strict=False,
-                   reason="train.py's body has not moved into composer_sheared/recipe.py yet")
 def test_installed_wheel_trains_without_a_checkout(built):
     _, _, site, work, env = built
     assert "dry_run=true" in _run([site / "bin" / "composer-sheared", "train", "--help"], work, env)
