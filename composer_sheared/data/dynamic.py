@@ -135,6 +135,9 @@ class DynamicStreamingDataset(IterableDataset):
                 raise ValueError(f"domain {d!r} split {split!r}: {s.index_path} holds samples of {s.seq_len} "
                                  f"tokens, {first.index_path} of {first.seq_len}: every domain needs one "
                                  f"sequence length")
+        # tokens per sample, from the shards' index (None if the index does not say)
+        self.seq_len = None if first is None else first.seq_len
+        self.seq_len_source = None if first is None else first.index_path
         data_vocab = data_vocab_size(local)
         if vocab_size is not None and data_vocab is not None:
             check_vocab(local, vocab_size)  # hash-checked shards skip the per-sample check below

@@ -7,8 +7,6 @@ samples, since a mismatch means the data was tokenized for another run."""
 from __future__ import annotations
 
 import inspect
-import json
-import os
 from typing import Any, Optional
 
 __all__ = ["DATASET_KEYS", "build_dynamic_streaming_dataloader"]
@@ -26,23 +24,6 @@ DATASET_KEYS = _dataset_keys()
 
 def _error(key: str, message: str) -> ValueError:
     return ValueError(f"train_loader.dataset.{key}: {message}")
-
-
-def _check_seq_len(local: str, split: str, domains: list[str], max_seq_len: int) -> None:
-    """Every domain's MDS column is `ndarray:<dtype>:<seq_len>`; a local index says which."""
-    for d in domains:
-        index = os.path.join(local, split, d, "index.json")
-        if not os.path.isfile(index):
-            continue  # remote-only data: the dataset reads and checks the index itself
-        with open(index) as f:
-            shards = json.load(f).get("shards", [])
-        for shard in shards[:1]:
-            for enc in shard.get("column_encodings", []):
-                parts = str(enc).split(":")
-                if parts[0] == "ndarray" and len(parts) == 3 and int(parts[2]) != int(max_seq_len):
-                    raise _error("max_seq_len", f"{max_seq_len}, but {index} holds samples of {parts[2]} tokens "
-                                                f"(tokenize the data with --seq-len {max_seq_len}, or set max_seq_len "
-                                                f"to {parts[2]})")
 
 
 def build_dynamic_streaming_dataloader(tokenizer: Any, device_batch_size: int | float, dataset: dict[str, Any],
@@ -74,14 +55,16 @@ def build_dynamic_streaming_dataloader(tokenizer: Any, device_batch_size: int | 
         raise ValueError(f"device_train_batch_size: {device_batch_size}: dynamic_streaming needs a positive whole "
                          f"number of samples per device")
     batch = int(device_batch_size)
-    if max_seq_len is not None:
-        _check_seq_len(cfg["local"], cfg.get("split", "train"), domains, int(max_seq_len))
     if tokenizer is not None and cfg.get("vocab_size") is None:
         cfg["vocab_size"] = len(tokenizer)  # a token id the tokenizer cannot produce is bad data
     try:
         ds = DynamicStreamingDataset(batch_size=batch, **cfg)
     except (ValueError, FileNotFoundError) as err:
         raise ValueError(f"train_loader.dataset: {err}") from err
+    if max_seq_len is not None and ds.seq_len is not None and ds.seq_len != int(max_seq_len):
+        raise _error("max_seq_len", f"{max_seq_len}, but {ds.seq_len_source} holds samples of {ds.seq_len} tokens "
+                                    f"(tokenize the data with --seq-len {max_seq_len}, or set max_seq_len to "
+                                    f"{ds.seq_len})")
     loader = DataLoader(ds, batch_size=batch, num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory,
                         prefetch_factor=prefetch_factor if num_workers > 0 else None,
                         persistent_workers=num_workers > 0 if persistent_workers is None else persistent_workers,
