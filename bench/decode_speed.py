@@ -6,7 +6,7 @@ Each model is an HF directory or a shape, built with random weights:
 models (and which goes first), so load on a shared machine hits both alike; the fastest of the
 repeats is reported (the run least disturbed by other load). Tokens/s counts new tokens (batch x new tokens / wall time of ``generate``,
 prefill included). The expected speed-up is the ratio of per-token FLOPs (2 x the matmul weights
-+ the attention over the mean context, the decode-time analogue of composer_sheared.plan).
++ the attention over the mean context, the decode-time analogue of composer_sheared.run.plan).
 
     python bench/decode_speed.py llama2-7b-4layers sheared-2.7b-4layers
     python bench/decode_speed.py runs/cache/smollm2-135m runs/demo/prune/hf --batch-sizes 1 16
@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from composer_sheared.plan import matmul_params  # noqa: E402
+from composer_sheared.run.plan import matmul_params  # noqa: E402
 from composer_sheared.shapes import NAMED_SHAPES, ModelShape  # noqa: E402
 
 

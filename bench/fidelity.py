@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # data_prep is a top-level folder of the repository, not installed
     sys.path.insert(0, str(REPO))
 
-from composer_sheared.demo import DOMAINS, build_data as build_demo_data, demo_target  # noqa: E402
+from composer_sheared.demo.data import DOMAINS, build_data as build_demo_data, demo_target  # noqa: E402
 
 ARMS = {
     "a": "paper: learned masks, uniform init, Lagrangian",
@@ -128,7 +128,7 @@ def run_stage(yaml: str, overrides: list[str], log_file: Path) -> float:
 
 def eval_curve(metrics: Path, token_offset: int, tokens_per_step: int) -> list[tuple[int, float]]:
     """(tokens, mean eval loss over the domains) from a run's JSONL metrics."""
-    from composer_sheared.report import read_jsonl
+    from composer_sheared.demo.plots import read_jsonl
 
     by_step: dict[int, dict[str, float]] = {}
     for rec in read_jsonl(metrics):
@@ -145,7 +145,7 @@ def random_init_dir(src_dir: Path, target: dict, out: Path, seed: int) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from composer_sheared.atomic import atomic_directory
+    from composer_sheared.storage.atomic import atomic_directory
     from composer_sheared.shapes import ModelShape, resolve_target
 
     cfg = AutoConfig.from_pretrained(src_dir)
@@ -163,8 +163,8 @@ def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], wo
     """One arm. `reuse`: this arm's earlier result, whose pruned model (work/<arm>/pruned_hf) is kept
     and only continued again (e.g. with another continued lr). `seeds`: extra seeds for the
     continued stage alone (the recipe's seed 17 is the table's run)."""
-    from composer_sheared.domain_loss import domain_losses
-    from composer_sheared.oneshot import run as oneshot_run
+    from composer_sheared.eval.domain_loss import domain_losses
+    from composer_sheared.cli.oneshot import run as oneshot_run
 
     d = work / arm
     reuse = reuse if reuse and (d / "pruned_hf" / "config.json").exists() else None
@@ -249,7 +249,7 @@ def continue_stage(arm: str, start: Path, d: Path, common: list[str], teacher: l
     """One arm's continued pretraining from `start` (`teacher`: the distillation overrides, used by
     the distilling arms only). Returns (per-domain final losses, wall time, in-training eval curve).
     A `seed` other than the recipe's runs in its own folder, d/seed<N>."""
-    from composer_sheared.domain_loss import domain_losses
+    from composer_sheared.eval.domain_loss import domain_losses
 
     sub = d if seed is None else d / f"seed{seed}"
     sub.mkdir(parents=True, exist_ok=True)
@@ -272,7 +272,7 @@ def prune_loss_stats(metrics: Path, window: int = 5) -> dict:
     `window`-batch running mean (one 512-token batch swings by +-1 nat with the domain it draws);
     the same for the gap to the source on the same batch (the teacher monitor's excess loss);
     and the lowest stray of the expected size below the warm-up target."""
-    from composer_sheared.report import read_jsonl, series
+    from composer_sheared.demo.plots import read_jsonl, series
 
     recs = read_jsonl(metrics)
     _, loss = series(recs, "distill/ce_loss")  # the LM loss alone when distillation mixes in KL
@@ -447,8 +447,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    from composer_sheared.domain_loss import domain_losses
-    from composer_sheared.embedded import ensure_smollm2
+    from composer_sheared.eval.domain_loss import domain_losses
+    from composer_sheared.demo.embedded import ensure_smollm2
 
     src = ensure_smollm2()
     mds = build_data(work, src, p)

@@ -35,7 +35,7 @@ DOMAINS = ("alpha", "beta")
 
 def case_targets() -> dict[str, dict]:
     """Each case's target: the 2.7B widths at 3 of 4 layers, and the demo's own target."""
-    from composer_sheared.demo import demo_target
+    from composer_sheared.demo.data import demo_target
 
     return {"llama2-7b-4layers": {"num_layers": 3, "hidden_size": 2560, "num_attention_heads": 20,
                                   "intermediate_size": 6912},
@@ -92,7 +92,7 @@ def parity(ckpt: Path, sliced_dir: Path, vocab: int, seq: int, device: str = "cu
     import torch
     from transformers import AutoModelForCausalLM
 
-    from composer_sheared.prune import masked_model_from_checkpoint
+    from composer_sheared.export.sliced import masked_model_from_checkpoint
 
     masked, _ = masked_model_from_checkpoint(ckpt)
     sliced = AutoModelForCausalLM.from_pretrained(sliced_dir, torch_dtype=torch.float32)
@@ -135,7 +135,7 @@ def main() -> int:
     import torch
     from omegaconf import OmegaConf
 
-    from composer_sheared.report import read_jsonl, series
+    from composer_sheared.demo.plots import read_jsonl, series
 
     if not torch.cuda.is_available():
         print("no CUDA device: bench/gpu_check.py needs a GPU (FSDP is GPU-only in Composer)")

@@ -220,7 +220,7 @@ def streaming_shm_released():
 
 def run_train_in_process(yaml_path, overrides=()) -> dict:
     """One train.py stage in this process (no interpreter start, no re-import of torch/Composer)."""
-    from composer_sheared import recipe
+    from composer_sheared.run import recipe as recipe
     from composer_sheared.config import load_config
 
     cfg, resolved = load_config(str(yaml_path), list(overrides))
@@ -251,7 +251,7 @@ def check_gpu_check(ctx) -> None:
     from omegaconf import OmegaConf
 
     import gpu_check as gc_
-    from composer_sheared.report import read_jsonl, series
+    from composer_sheared.demo.plots import read_jsonl, series
     from gpu_source import TINY_TARGET
 
     ctx.report.section("gpu_check", _gpu_check_md)
@@ -437,7 +437,7 @@ def fidelity_in_process(device: str, tiny: bool):
     score of SmolLM2 at 512 tokens), and in the rehearsal the tiny source's target and shape."""
     import fidelity
 
-    import composer_sheared.domain_loss as dl
+    import composer_sheared.eval.domain_loss as dl
     from gpu_source import TINY_TARGET
 
     orig = (fidelity.run_stage, fidelity.TARGET, dl.domain_losses)
@@ -474,7 +474,7 @@ def fidelity_in_process(device: str, tiny: bool):
 
 def build_data(ctx, p) -> Path:
     """bench/fidelity.py's local corpus, tokenized with every core of the machine."""
-    from composer_sheared.demo import build_data as build_demo_data
+    from composer_sheared.demo.data import build_data as build_demo_data
 
     mds = ctx.work / "fidelity" / f"mds_s{p.seq_len}_e{p.eval_sequences}_b{p.corpus_bytes}"
     return build_demo_data(mds.parent, ctx.source(), p.seq_len, p.corpus_bytes, p.eval_sequences, mds=mds,
@@ -485,7 +485,7 @@ def build_data(ctx, p) -> Path:
 def probe_pruning(ctx, p, mds: Path, refs, steps: int) -> dict:
     """tokens/s of arm b's pruning stage (masked source, the source as monitor) and a stage's fixed
     cost (build, calibration, save), from a short run of that stage."""
-    from composer_sheared.report import read_jsonl, series
+    from composer_sheared.demo.plots import read_jsonl, series
 
     d = ctx.work / "fidelity" / "probe"
     over = [f"model.source={ctx.source()}", f"data.local={mds}", f"max_seq_len={p.seq_len}",
@@ -578,7 +578,7 @@ def check_fidelity(ctx) -> None:
 
 
 def fid_domain_losses(ctx, mds, p, fid):
-    import composer_sheared.domain_loss as dl
+    import composer_sheared.eval.domain_loss as dl
 
     return dl.domain_losses(ctx.source(), mds, fid.DOMAINS, p.eval_batches, 8, desc="source")
 

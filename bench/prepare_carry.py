@@ -76,7 +76,7 @@ def plan(wheel_bytes: int, gguf_bytes: int, tree: int, cap: int = CAP) -> list[d
 def gguf_path(arg: str | None) -> Path:
     if arg:
         return Path(arg)
-    from composer_sheared.embedded import smollm2_gguf_path
+    from composer_sheared.demo.embedded import smollm2_gguf_path
 
     return smollm2_gguf_path(install=False)
 

@@ -481,7 +481,7 @@ def _check_training(errors: list, cfg: TrainConfig) -> None:
 
 def _check_remote_save_folder(errors: list, cfg: TrainConfig) -> None:
     """An object-store save_folder (checked in dry runs too: it needs no I/O)."""
-    from composer_sheared.fetch import is_uri, store_schemes, uri_scheme
+    from composer_sheared.storage.fetch import is_uri, store_schemes, uri_scheme
 
     if not is_uri(cfg.save_folder):
         if cfg.local_save_folder is not None:
@@ -586,7 +586,7 @@ def resume_folder(cfg: TrainConfig) -> Optional[Path]:
 
 def _check_resume(errors: list, cfg: TrainConfig) -> list:
     """A resume may not change what defines the run; returns the changes it may make."""
-    from composer_sheared.resume import RUN_CONFIG, compare, read_run_config
+    from composer_sheared.run.resume import RUN_CONFIG, compare, read_run_config
 
     folder = resume_folder(cfg)
     saved = read_run_config(folder) if folder is not None else None
@@ -645,7 +645,7 @@ def source_hf_config(m: ModelConfig):
             setattr(base, k, v)
         return base
     if m.source in EMBEDDED:
-        from composer_sheared.embedded import default_cache_dir
+        from composer_sheared.demo.embedded import default_cache_dir
 
         cache = default_cache_dir()
         if (cache / "config.json").exists():
@@ -678,7 +678,7 @@ def _resolve_shapes(errors: list, cfg: TrainConfig) -> Resolved:
         return Resolved()
     src = _local(cfg.model.source) if cfg.model.source not in EMBEDDED else None
     if src is not None and src.is_dir() and not cfg.dry_run:
-        from composer_sheared.weights_check import check_source_weights
+        from composer_sheared.storage.weights_check import check_source_weights
 
         errors.extend(check_source_weights(src, hf_config))
     shape = cfg.model.shape
@@ -739,7 +739,7 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> Resolved:
 def output_folder(cfg: TrainConfig) -> Optional[Path]:
     """The local folder of metrics.jsonl and the HF directory: save_folder, or for an object-store
     save_folder the staging folder they are uploaded from."""
-    from composer_sheared.fetch import is_uri
+    from composer_sheared.storage.fetch import is_uri
 
     if not is_uri(cfg.save_folder):
         return Path(cfg.save_folder) if cfg.save_folder else None

@@ -39,7 +39,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from composer_sheared.atomic import atomic_directory
+from composer_sheared.storage.atomic import atomic_directory
 
 __all__ = ["Doc", "read_raw_corpus", "read_mds_split", "read_documents", "make_items",
            "build_next_line_task", "GROUP", "main"]

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from composer_sheared.atomic import atomic_directory
+from composer_sheared.storage.atomic import atomic_directory
 
 __all__ = ["tokenize_domains", "write_mds_sequences", "token_dtype", "REDPAJAMA_SHORT_NAMES",
            "BadLineError", "main"]

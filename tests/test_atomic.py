@@ -1,6 +1,6 @@
 import pytest
 
-from composer_sheared.atomic import atomic_directory
+from composer_sheared.storage.atomic import atomic_directory
 
 
 def test_success_replaces_and_failure_leaves_nothing(tmp_path):

@@ -104,7 +104,7 @@ def test_no_hf_directory_from_a_non_finite_model(tmp_path):
     import torch
     from composer.models import HuggingFaceModel
 
-    from composer_sheared.builders import NonFiniteModelError, save_hf_result
+    from composer_sheared.run.builders import NonFiniteModelError, save_hf_result
     from tests.conftest import tiny_model
 
     cfg, _ = load_config(None, ["model.config={hidden_size: 32}", "data.local=x", "data.domains=[a]",

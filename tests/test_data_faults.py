@@ -142,7 +142,7 @@ def test_a_killed_runs_shared_block_is_removed_by_the_next_run(root):
 
 
 def test_stale_temp_dirs_only_of_dead_owners_on_this_host_are_removed(tmp_path):
-    from composer_sheared.atomic import atomic_directory, host_tag
+    from composer_sheared.storage.atomic import atomic_directory, host_tag
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -190,7 +190,7 @@ def test_shared_memory_race_is_not_retried_when_it_is_not_one(root, monkeypatch)
     ranks' barriers wrongly)."""
     import streaming.base.shared.prefix as prefix
 
-    import composer_sheared.data.eval as data_eval
+    import composer_sheared.data.eval_sets as data_eval
 
     monkeypatch.setattr(prefix, "SharedMemory", _RacingSharedMemory(prefix.SharedMemory, "/tmp/some_file"))
     with pytest.raises(FileExistsError, match="some_file"):

@@ -22,7 +22,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def hf_dir():
-    from composer_sheared.embedded import ensure_smollm2
+    from composer_sheared.demo.embedded import ensure_smollm2
 
     return ensure_smollm2(install=False)
 
@@ -31,7 +31,7 @@ def hf_dir():
 def gguf_tok():
     from transformers import AutoTokenizer
 
-    from composer_sheared.embedded import smollm2_gguf_path
+    from composer_sheared.demo.embedded import smollm2_gguf_path
 
     g = smollm2_gguf_path(install=False)
     return AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)

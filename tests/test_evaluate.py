@@ -1,4 +1,4 @@
-"""composer_sheared.evaluate through lm-evaluation-harness on tiny models and the local next-line task,
+"""composer_sheared.eval.harness through lm-evaluation-harness on tiny models and the local next-line task,
 and the Composer evaluator of the same task (same accuracy as lm-eval)."""
 import json
 import math
@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from composer_sheared import evaluate as ev
+from composer_sheared.cli import evaluate as ev_cli
+from composer_sheared.eval import harness as ev
 from data_prep import next_line_task as nlt
 
 DOMAINS, DOCS_PER_DOMAIN, TOKENS_PER_DOC = ("alpha", "beta"), 25, 4
@@ -87,7 +88,7 @@ def cli_run(setup):
     d = setup["dirs"]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = ev.main([f"rigged={d['rigged']}", str(d["random"]), "--tasks", "next_line_alpha,next_line_beta",
+        rc = ev_cli.main([f"rigged={d['rigged']}", str(d["random"]), "--tasks", "next_line_alpha,next_line_beta",
                       "--include-path", str(setup["task"]), "--out", str(out), "--device", "cpu",
                       "--batch-size", "32"])
     return rc, buf.getvalue(), out
@@ -121,7 +122,7 @@ def test_composer_evaluator_matches_lm_eval(setup, cli_run):
     from composer.metrics.nlp import LanguageCrossEntropy
     from composer.models import HuggingFaceModel
 
-    from composer_sheared.eval_tasks import NextLineAccuracy, build_next_line_evaluator
+    from composer_sheared.eval.next_line import NextLineAccuracy, build_next_line_evaluator
 
     lm_eval_acc = json.loads((cli_run[2] / "eval.json").read_text())["scores"]["random"]
     for name, hf in setup["models"].items():
@@ -150,6 +151,6 @@ def test_presets_and_errors(setup):
     with pytest.raises(ValueError, match=r"unknown lm-eval task\(s\) \['no_such_task'\]"):
         ev.evaluate_models({"m": setup["dirs"]["rigged"]}, [ev.TaskSpec("no_such_task")],
                            include_path=str(setup["task"]), device="cpu")
-    assert ev.main([str(setup["root"]), "--tasks", "piqa"]) == 2  # not a model directory
+    assert ev_cli.main([str(setup["root"]), "--tasks", "piqa"]) == 2  # not a model directory
     with pytest.raises(KeyError, match="lm-eval reported no 'acc_norm,none'"):
         ev._pick({"acc,none": 0.5, "acc_stderr,none": 0.1}, ev.TaskSpec("x", 0, "acc_norm"))

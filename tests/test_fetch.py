@@ -1,4 +1,4 @@
-"""composer_sheared.fetch against a local S3-compatible server (moto): a HF model directory goes
+"""composer_sheared.storage.fetch against a local S3-compatible server (moto): a HF model directory goes
 up and comes back loadable; a complete directory is skipped; an interrupted download resumes; an
 empty prefix, a missing bucket and an unreachable endpoint fail with the URI named, leaving nothing."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from composer_sheared.fetch import MANIFEST, FetchError, download_prefix, main, upload_directory
+from composer_sheared.storage.fetch import MANIFEST, FetchError, download_prefix, main, upload_directory
 from tests.conftest import REPO, subprocess_env, tiny_model
 from tests.s3 import s3  # noqa: F401  (fixture)
 

@@ -69,7 +69,7 @@ def uninterrupted(inputs, tmp_path_factory):
 def test_prunes_from_yaml_alone_and_exports_the_sliced_target(inputs, uninterrupted):
     from transformers import AutoModelForCausalLM
 
-    from composer_sheared.prune import masked_model_from_checkpoint
+    from composer_sheared.export.sliced import masked_model_from_checkpoint
     from composer_sheared.shapes import ModelShape
 
     model_dir, _ = inputs

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from composer_sheared.loggers import JSONLLogger
-from composer_sheared.report import read_jsonl, series
+from composer_sheared.demo.plots import read_jsonl, series
 from tests.conftest import make_trainer, tiny_model
 
 
@@ -42,7 +42,7 @@ def test_report_reads_only_the_latest_run(tmp_path):
 
 
 def test_prune_cli_says_when_source_is_not_the_checkpoints_model(tmp_path):
-    from composer_sheared.prune import finalize
+    from composer_sheared.export.sliced import finalize
 
     trainer, _ = make_trainer(max_duration="2ba", warmup="1ba", save_folder=str(tmp_path / "ck"), save_interval="2ba")
     trainer.fit()

@@ -131,7 +131,7 @@ def _garbage_weights(d):
 def test_oneshot_checks_before_loading_weights(mds, tmp_path, case):
     from transformers import PhiConfig
 
-    from composer_sheared.oneshot import run
+    from composer_sheared.cli.oneshot import run
 
     src, target, data = tmp_path / "src", {"num_layers": 3}, None
     if case == "phi":
@@ -156,13 +156,13 @@ def test_oneshot_checks_before_loading_weights(mds, tmp_path, case):
 
 
 def test_evaluate_names_a_model_dir_without_tokenizer(tmp_path, capsys):
-    from composer_sheared.evaluate import main
+    from composer_sheared.cli.evaluate import main
 
     bare = _source(tmp_path, "bare")
     assert main([str(bare), "--tasks", "next_line", "--out", str(tmp_path / "ev")]) == 2
     err = capsys.readouterr().err
     assert f"{bare}" in err and "no tokenizer" in err
     tiny_tokenizer().save_pretrained(bare)
-    from composer_sheared.evaluate import _model_names
+    from composer_sheared.eval.harness import model_names as _model_names
 
     assert list(_model_names([str(bare)]).values()) == [str(bare)]

@@ -6,11 +6,12 @@ import subprocess
 import sys
 
 import composer_sheared.data
+import composer_sheared.distill
 import composer_sheared.pruning
 
-CORE = ["composer_sheared", "composer_sheared.shapes", "composer_sheared.defaults", "composer_sheared.distill",
-        "composer_sheared.domain_loss", "composer_sheared.config"]
-CORE_PACKAGES = [composer_sheared.pruning, composer_sheared.data]
+CORE = ["composer_sheared", "composer_sheared.shapes", "composer_sheared.defaults", "composer_sheared.eval",
+        "composer_sheared.eval.domain_loss", "composer_sheared.config", "composer_sheared.storage.atomic"]
+CORE_PACKAGES = [composer_sheared.pruning, composer_sheared.data, composer_sheared.distill]
 
 
 def _core_modules() -> list[str]:

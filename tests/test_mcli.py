@@ -56,7 +56,7 @@ def test_there_are_platform_yamls():
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
 def test_parses_with_mcli_and_nothing_is_left_unset(path):
-    from composer_sheared.fetch import is_uri, store_schemes, uri_scheme
+    from composer_sheared.storage.fetch import is_uri, store_schemes, uri_scheme
 
     rc = _run_config(path)
     assert rc.name and rc.image and rc.compute.get("gpus")
@@ -96,7 +96,7 @@ def test_training_line_dry_runs(path):
 
 def test_continue_reads_what_prune_saves():
     from composer_sheared.config import hf_output_dir, load_config
-    from composer_sheared.remote_save import remote_folder
+    from composer_sheared.run.remote_save import remote_folder
 
     prune, cont = (_run_config(REPO / "yamls" / "mcli" / n) for n in ("prune_2.7b.yaml", "continue_2.7b.yaml"))
     assert prune.env_variables["RUNS_URI"] == cont.env_variables["RUNS_URI"]

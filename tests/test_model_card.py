@@ -7,7 +7,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from composer_sheared.config import load_config
-from composer_sheared.model_card import PROVENANCE, SOURCE_TEMPLATES, add_evals, finish_hf_dir
+from composer_sheared.export.model_card import PROVENANCE, SOURCE_TEMPLATES, add_evals, finish_hf_dir
 from tests.conftest import TARGET, TINY, tiny_model, tiny_tokenizer
 
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
@@ -52,7 +52,7 @@ def _train_save(cfg, hf, tok, out, tokens, batches):
     from composer.core import Timestamp
     from composer.models import HuggingFaceModel
 
-    from composer_sheared.builders import save_hf_result
+    from composer_sheared.run.builders import save_hf_result
 
     state = SimpleNamespace(model=HuggingFaceModel(hf), fsdp_enabled=False,
                             timestamp=Timestamp(batch=batches, token=tokens))
@@ -114,7 +114,7 @@ def test_continued_run_inherits_the_lineage(pruned, tmp_path):
 
 
 def test_oneshot_output_has_card_provenance_and_no_default_chat_template(tmp_path):
-    from composer_sheared.oneshot import run
+    from composer_sheared.cli.oneshot import run
 
     src = _source(tmp_path / "src", license="apache-2.0")
     out = run(src, tmp_path / "out", dict(TARGET), "random", seed=0)
@@ -128,7 +128,7 @@ def test_oneshot_output_has_card_provenance_and_no_default_chat_template(tmp_pat
 
 
 def test_exported_checkpoint_has_card_with_the_checkpoints_tokens(tmp_path):
-    from composer_sheared.prune import finalize
+    from composer_sheared.export.sliced import finalize
     from tests.conftest import make_trainer
 
     src = _source(tmp_path / "src")

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from composer_sheared import ModelShape, apply_shearing
-from composer_sheared.oneshot import main
+from composer_sheared.cli.oneshot import main
 from composer_sheared.pruning.importance import compute_importance, random_scores
 from composer_sheared.pruning.oneshot import oneshot_prune, scores_to_gates, scores_to_log_alpha
 from composer_sheared.pruning.slicing import prune_with_gates

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from composer_sheared.config import load_config
-from composer_sheared.plan import PAPER_PARAMS, flops_per_token, make_plan, params_without_norms
+from composer_sheared.run.plan import PAPER_PARAMS, flops_per_token, make_plan, params_without_norms
 from composer_sheared.shapes import NAMED_SHAPES
 from tests.conftest import REPO
 

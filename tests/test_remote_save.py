@@ -13,9 +13,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from composer_sheared.config import ConfigError, load_config
-from composer_sheared.fetch import download_prefix
-from composer_sheared.remote_save import check_fresh
-from composer_sheared.report import read_jsonl, series
+from composer_sheared.storage.fetch import download_prefix
+from composer_sheared.run.remote_save import check_fresh
+from composer_sheared.demo.plots import read_jsonl, series
 from tests.conftest import REPO, TARGET, prune_yaml, subprocess_env
 from tests.s3 import s3  # noqa: F401  (fixture)
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from composer_sheared.atomic import host_tag
+from composer_sheared.storage.atomic import host_tag
 from composer_sheared.config import ConfigError, load_config, plain
-from composer_sheared.resume import RUN_CONFIG, compare, read_run_config, write_run_config
-from composer_sheared.report import read_jsonl, series
+from composer_sheared.run.resume import RUN_CONFIG, compare, read_run_config, write_run_config
+from composer_sheared.demo.plots import read_jsonl, series
 from tests.conftest import prune_yaml
 
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from composer_sheared.checkpointing import set_aside_unfinished_checkpoints
+from composer_sheared.run.checkpointing import set_aside_unfinished_checkpoints
 from tests import conftest as _tiny
 
 STEPS, KILL_AFTER = 8, 4

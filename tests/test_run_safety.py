@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from composer_sheared.config import ConfigError, load_config
 from composer_sheared.loggers import JSONLLogger
-from composer_sheared.runlock import LOCK_NAME, FolderInUseError, RunLock
+from composer_sheared.run.lock import LOCK_NAME, FolderInUseError, RunLock
 from tests.conftest import prune_yaml, tiny_model, tiny_tokenizer
 
 
@@ -119,7 +119,7 @@ def test_second_run_into_a_locked_folder_is_refused_by_name(mds, tmp_path, capsy
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
-    from composer_sheared.atomic import host_tag
+    from composer_sheared.storage.atomic import host_tag
 
     tmp_path.joinpath(LOCK_NAME).write_text(f"{pid}@{host_tag()}\n")
     with pytest.warns(UserWarning, match=f"lock .* of pid {pid}, which is no longer running"):
@@ -130,7 +130,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 
 
 def test_lock_held_by_another_process(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from composer_sheared.runlock import RunLock;"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from composer_sheared.run.lock import RunLock;"
                                f"RunLock({str(tmp_path)!r}).acquire(); print('ok', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
     try:
@@ -167,7 +167,7 @@ def test_full_disk_during_a_checkpoint_is_named(mds, tmp_path, capsys, monkeypat
 
 
 def test_full_disk_is_found_inside_writers_errors():
-    from composer_sheared.atomic import find_no_space
+    from composer_sheared.storage.atomic import find_no_space
 
     try:
         try:

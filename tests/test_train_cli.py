@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from composer_sheared.report import read_jsonl, series
+from composer_sheared.demo.plots import read_jsonl, series
 from tests.conftest import TARGET, prune_yaml
 
 pytestmark = pytest.mark.slow  # every test starts train.py in a subprocess

@@ -3,7 +3,7 @@
 ``from composer_sheared.data import DynamicStreamingDataset, domain_eval_dataset, update_weights``
 """
 from composer_sheared.data.dynamic import DynamicStreamingDataset, resolve_world, token_item
-from composer_sheared.data.eval import TokenStreamingDataset, domain_eval_dataset
+from composer_sheared.data.eval_sets import TokenStreamingDataset, domain_eval_dataset
 from composer_sheared.data.integrity import DataIntegrityError, check_vocab
 from composer_sheared.data.mixing import RULES, excess_losses, update_weights, validate_proportions
 

@@ -15,7 +15,7 @@ from composer_sheared.defaults import CALIBRATION_BATCH_SIZE, CALIBRATION_BATCHE
 def calibration_batches(local: str, domains: Sequence[str], num_batches: int, batch_size: int,
                         split: str = "train", remote: Optional[str] = None) -> list[dict[str, torch.Tensor]]:
     """`num_batches` dicts with ``input_ids`` [batch_size, seq]: sample i of every domain in turn."""
-    from composer_sheared.data.eval import domain_eval_dataset
+    from composer_sheared.data.eval_sets import domain_eval_dataset
 
     if num_batches <= 0 or batch_size <= 0:
         raise ValueError(f"calibration needs num_batches > 0 and batch_size > 0, got {num_batches}, {batch_size}")

@@ -24,7 +24,7 @@ import weakref
 
 import numpy as np
 
-from composer_sheared.atomic import host_tag, pid_alive
+from composer_sheared.storage.atomic import host_tag, pid_alive
 
 __all__ = ["ControlBlock", "remove_stale_blocks"]
 

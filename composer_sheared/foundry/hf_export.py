@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from composer_sheared.gather import composer_model_of, sliced_hf_model
+from composer_sheared.export.gather import composer_model_of, sliced_hf_model
 
 __all__ = ["export_sliced", "sliced_hf_model"]
 

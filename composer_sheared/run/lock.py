@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from composer_sheared.atomic import host_tag, pid_alive
+from composer_sheared.storage.atomic import host_tag, pid_alive
 
 __all__ = ["LOCK_NAME", "FolderInUseError", "RunLock"]
 

@@ -5,6 +5,7 @@
     composer-sheared export CHECKPOINT OUT_DIR ...   a pruning checkpoint -> a sliced HF directory
     composer-sheared oneshot SOURCE OUT_DIR ...      one-shot structured pruning to a target shape
     composer-sheared evaluate ...                    lm-evaluation-harness tasks over HF directories
+    composer-sheared fetch  URI LOCAL_DIR            an object-store prefix -> a local directory
     composer-sheared demo [...]                      the CPU demo, outputs under ./runs/demo
 
 RECIPE is a YAML path or a packaged recipe's name (`prune_2.7b`, `demo/prune_smollm2`; see
@@ -22,7 +23,7 @@ __all__ = ["main", "COMMANDS"]
 
 
 def _train_cli() -> Callable[[list[str]], int]:
-    from composer_sheared.recipe import cli
+    from composer_sheared.run.recipe import cli
 
     return cli
 
@@ -52,39 +53,23 @@ def _plan(argv: list[str]) -> int:
     return _train_cli()([*_with_recipe(argv), "dry_run=true"])
 
 
-def _export(argv: list[str]) -> int:
-    from composer_sheared.prune import main as export_main
+def _tool(module: str) -> Callable[[list[str]], int]:
+    """The `main(argv)` of a tool module, imported when its command runs (so `--help` stays quick)."""
+    def run(argv: list[str]) -> int:
+        import importlib
 
-    export_main(argv)
-    return 0
-
-
-def _oneshot(argv: list[str]) -> int:
-    from composer_sheared.oneshot import main as oneshot_main
-
-    oneshot_main(argv)
-    return 0
-
-
-def _evaluate(argv: list[str]) -> int:
-    from composer_sheared.evaluate import main as evaluate_main
-
-    return evaluate_main(argv)
-
-
-def _demo(argv: list[str]) -> int:
-    from composer_sheared.demo import main as demo_main
-
-    return demo_main(argv)
+        return importlib.import_module(module).main(argv) or 0
+    return run
 
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "run a recipe: pruning or continued pretraining (composer train.py RECIPE)"),
     "plan": (_plan, "dry-run a recipe: shapes, tokens, FLOPs and GPU-hours, no weights or data"),
-    "export": (_export, "slice a pruning checkpoint to a plain HF directory (python -m composer_sheared.prune)"),
-    "oneshot": (_oneshot, "one-shot structured pruning of a HF directory to a target shape"),
-    "evaluate": (_evaluate, "lm-evaluation-harness tasks over HF directories"),
-    "demo": (_demo, "the CPU demo: SmolLM2-135M pruned and continued, outputs under ./runs/demo"),
+    "export": (_tool("composer_sheared.cli.export"), "slice a pruning checkpoint to a plain HF directory"),
+    "oneshot": (_tool("composer_sheared.cli.oneshot"), "one-shot structured pruning of a HF directory to a target shape"),
+    "evaluate": (_tool("composer_sheared.cli.evaluate"), "lm-evaluation-harness tasks over HF directories"),
+    "fetch": (_tool("composer_sheared.storage.fetch"), "copy an object-store prefix to a local directory (resumable)"),
+    "demo": (_tool("composer_sheared.demo.pipeline"), "the CPU demo: SmolLM2-135M pruned and continued, outputs under ./runs/demo"),
 }
 
 

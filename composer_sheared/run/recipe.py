@@ -32,7 +32,7 @@ def dry_run(cfg: TrainConfig, resolved: Resolved, out=None) -> dict:
     from composer.core import Time, TimeUnit
     from transformers import AutoModelForCausalLM
 
-    from composer_sheared.plan import format_plan, make_plan
+    from composer_sheared.run.plan import format_plan, make_plan
 
     source, target = resolved.source, resolved.target
     for shape in (source, target):
@@ -101,9 +101,9 @@ def build_trainer(cfg: TrainConfig, resolved: Resolved, extra_loggers=(), extra_
     from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
     from composer.utils import dist, reproducibility
 
-    from composer_sheared import builders
+    from composer_sheared.run import builders as builders
     from composer_sheared.callbacks import DynamicBatchLoading, StopOnNonFiniteLoss
-    from composer_sheared.plan import flops_per_token
+    from composer_sheared.run.plan import flops_per_token
 
     has_gpu = torch.cuda.is_available()
     reproducibility.seed_all(cfg.seed)
@@ -131,7 +131,7 @@ def build_trainer(cfg: TrainConfig, resolved: Resolved, extra_loggers=(), extra_
 
     eval_metrics = [LanguageCrossEntropy()]
     if cfg.downstream is not None:
-        from composer_sheared.eval_tasks import NextLineAccuracy
+        from composer_sheared.eval.next_line import NextLineAccuracy
 
         eval_metrics.append(NextLineAccuracy())
     model = HuggingFaceModel(hf_model, tokenizer=tokenizer, use_logits=True, shift_labels=True,
@@ -141,7 +141,7 @@ def build_trainer(cfg: TrainConfig, resolved: Resolved, extra_loggers=(), extra_
 
     train_dl, evaluators = builders.build_dataloaders(cfg, device_batch)
     if cfg.downstream is not None:  # scored with the domain losses; dynamic loading ignores its label
-        from composer_sheared.eval_tasks import build_next_line_evaluator
+        from composer_sheared.eval.next_line import build_next_line_evaluator
 
         if tokenizer is None:
             raise ConfigError("downstream", "the next-line task needs a tokenizer (model.tokenizer)")
@@ -212,8 +212,8 @@ def main(cfg: TrainConfig, resolved: Resolved, extra_loggers=(), extra_callbacks
 
     Rank 0 holds save_folder's lock for the whole run; a resume applies the changes validation
     allowed; a checkpoint at max_duration already (killed during the export) only exports."""
-    from composer_sheared import run_safety as rs
-    from composer_sheared.builders import save_hf_result
+    from composer_sheared.run import safety as rs
+    from composer_sheared.run.builders import save_hf_result
 
     if cfg.dry_run:
         return {"plan": dry_run(cfg, resolved)}
@@ -223,10 +223,10 @@ def main(cfg: TrainConfig, resolved: Resolved, extra_loggers=(), extra_callbacks
     with rs.hold_save_folder(cfg):
         callbacks = [*extra_callbacks, *rs.start_resume(cfg, resolved)]
         if cfg.autoresume and cfg.checkpoint:  # a kill while a checkpoint was written must not block autoresume
-            from composer_sheared.checkpointing import set_aside_unfinished_checkpoints
+            from composer_sheared.run.checkpointing import set_aside_unfinished_checkpoints
 
             set_aside_unfinished_checkpoints(cfg.save_folder, cfg.run_name or "")
-        from composer_sheared.remote_save import check_fresh, restore_metrics
+        from composer_sheared.run.remote_save import check_fresh, restore_metrics
 
         check_fresh(cfg)  # an object-store save_folder: no earlier run's checkpoints unless resuming
         if rank0:  # ... and a resume in a fresh container appends to the uploaded metrics
@@ -254,7 +254,7 @@ def main(cfg: TrainConfig, resolved: Resolved, extra_loggers=(), extra_callbacks
     if hf_dir is not None:
         print(f"[train] saved HF model to {hf_dir}", flush=True)
     if rank0:  # an object-store save_folder: metrics.jsonl and the HF directory go up beside the checkpoints
-        from composer_sheared.remote_save import upload_outputs
+        from composer_sheared.run.remote_save import upload_outputs
 
         upload_outputs(cfg, hf_dir)
     return {"hf_dir": str(hf_dir) if hf_dir else None, "wall_s": time.time() - t0,
@@ -275,10 +275,10 @@ def close_distributed() -> None:
 
 
 def cli(argv: Optional[List[str]] = None) -> int:
-    from composer_sheared.atomic import NoSpaceError
-    from composer_sheared.builders import NonFiniteModelError
+    from composer_sheared.storage.atomic import NoSpaceError
+    from composer_sheared.run.builders import NonFiniteModelError
     from composer_sheared.callbacks import NonFiniteLossError
-    from composer_sheared.fetch import FetchError
+    from composer_sheared.storage.fetch import FetchError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
