@@ -158,15 +158,9 @@ def random_init_dir(src_dir: Path, target: dict, out: Path, seed: int) -> Path:
     return out
 
 
-def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], work: Path,
-            reuse: Optional[dict] = None, seeds: tuple[int, ...] = ()) -> dict:
-    """One arm. `reuse`: this arm's earlier result, whose pruned model (work/<arm>/pruned_hf) is kept
-    and only continued again (e.g. with another continued lr). `seeds`: extra seeds for the
-    continued stage alone (the recipe's seed 17 is the table's run)."""
-    from composer_sheared.eval.domain_loss import domain_losses
-    from composer_sheared.cli.oneshot import run as oneshot_run
-
-    d = work / arm
+def _arm_dir(d: Path, reuse: Optional[dict]) -> Optional[dict]:
+    """Empty the arm's folder, or (reusing a pruned model that is still there) only its continued
+    stage's outputs; returns `reuse`, or None where there is no pruned model left to reuse."""
     reuse = reuse if reuse and (d / "pruned_hf" / "config.json").exists() else None
     if reuse:
         shutil.rmtree(d / "continue", ignore_errors=True)
@@ -176,12 +170,82 @@ def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], wo
     else:
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
+    return reuse
+
+
+def _common_overrides(p: Preset, mds: Path, refs: list[float]) -> list[str]:
+    """The overrides both stages of every arm share: data, sequence length, evals, references."""
     # In-training evals (the curve, and what dynamic loading reacts to) read the first 8 samples per
     # domain; the before/after numbers of the table read all eval_sequences.
-    common = [f"data.local={mds}", f"max_seq_len={p.seq_len}", "device_eval_batch_size=8",
-              f"eval_interval={p.eval_interval}ba", "data.eval_subset_num_batches=1",
-              f"dynamic_loading.reference_losses=[{','.join(f'{r:.6f}' for r in refs)}]",
-              f"precision={p.precision}", *p.extra]
+    return [f"data.local={mds}", f"max_seq_len={p.seq_len}", "device_eval_batch_size=8",
+            f"eval_interval={p.eval_interval}ba", "data.eval_subset_num_batches=1",
+            f"dynamic_loading.reference_losses=[{','.join(f'{r:.6f}' for r in refs)}]",
+            f"precision={p.precision}", *p.extra]
+
+
+def _prune_stage(arm: str, p: Preset, src_dir: Path, d: Path, common: list[str], teacher: list[str],
+                 res: dict) -> None:
+    """A pruning arm's pruning stage into d/pruned_hf; adds its wall time and eval curve to `res`."""
+    prune_over = [f"model.source={src_dir}", f"max_duration={p.prune_steps}ba", f"save_folder={d / 'prune'}",
+                  f"global_train_batch_size={p.prune_batch}", f"hf_save_dir={d / 'pruned_hf'}",
+                  "pruning.eval_shape=target", "save_overwrite=true"]
+    if arm == "a":  # the paper: Lagrangian, uniform init, Adam's own betas for masks and multipliers
+        prune_over += ["pruning.schedule=lagrangian", "pruning.mask_init=uniform", "pruning.mask_betas=null"]
+    if arm == "f":
+        prune_over += ["dynamic_loading=null"]
+    if arm in ("i", "j"):
+        prune_over += ["pruning.train_gates=sampled"]
+    # the arms that do not distil still run the source alongside, as a monitor only (alpha 0: the
+    # run is the same), to log the student's excess loss over it on each training batch
+    prune_over += teacher if arm in DISTILLING_ARMS else [teacher[0], "distillation.alpha=0"]
+    res["prune_wall_s"] = run_stage("yamls/demo/prune_smollm2.yaml", common + prune_over, d / "prune.log")
+    res["curve"] += eval_curve(d / "prune" / "metrics.jsonl", 0, p.prune_batch * p.seq_len)
+
+
+def _start_model(arm: str, p: Preset, src_dir: Path, mds: Path, d: Path, common: list[str], teacher: list[str],
+                 reuse: Optional[dict], res: dict) -> Path:
+    """The model the arm's continued stage starts from: pruned (or the reused pruned model, with its
+    pruning results and the pruning part of its curve), sliced one-shot, or freshly initialised."""
+    start = d / "pruned_hf"
+    if reuse:
+        res.update({k: v for k, v in reuse.items() if k.startswith("prune")})
+        res["curve"] = [c for c in reuse["curve"] if c[0] < p.prune_tokens] if arm in PRUNING_ARMS else []
+    elif arm in PRUNING_ARMS:
+        _prune_stage(arm, p, src_dir, d, common, teacher, res)
+    elif arm in ("c", "d", "h"):
+        start = _oneshot_slice(arm, src_dir, start, mds)
+    else:
+        start = random_init_dir(src_dir, TARGET, start, seed=0)
+    return start
+
+
+def _oneshot_slice(arm: str, src_dir: Path, out: Path, mds: Path) -> Path:
+    """The one-shot slice of arms c, h (activation importance) and d (random)."""
+    from composer_sheared.cli.oneshot import run as oneshot_run
+
+    return oneshot_run(src_dir, out, TARGET, "random" if arm == "d" else "importance",
+                       data=str(mds), domains=list(DOMAINS), calib_batches=8, batch_size=4, seed=0)
+
+
+def _summarise(res: dict, refs: list[float], d: Path) -> None:
+    """The table's numbers from the per-domain losses, and the pruning stage's training-loss stats."""
+    for key in ("pruned", "final"):
+        res[f"{key}_mean"] = sum(res[key].values()) / len(DOMAINS)
+        res[f"{key}_max_excess"] = max(res[key][dom] - r for dom, r in zip(DOMAINS, refs))
+    if (d / "prune" / "metrics.jsonl").exists():
+        res.update(prune_loss_stats(d / "prune" / "metrics.jsonl"))
+
+
+def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], work: Path,
+            reuse: Optional[dict] = None, seeds: tuple[int, ...] = ()) -> dict:
+    """One arm. `reuse`: this arm's earlier result, whose pruned model (work/<arm>/pruned_hf) is kept
+    and only continued again (e.g. with another continued lr). `seeds`: extra seeds for the
+    continued stage alone (the recipe's seed 17 is the table's run)."""
+    from composer_sheared.eval.domain_loss import domain_losses
+
+    d = work / arm
+    reuse = _arm_dir(d, reuse)
+    common = _common_overrides(p, mds, refs)
     teacher = [f"distillation.teacher={src_dir}", "distillation.alpha=0.5"]
     res: dict = {"arm": arm, "label": ARMS[arm], "curve": []}
     t0 = time.time()
@@ -189,30 +253,7 @@ def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], wo
     pruning = arm in PRUNING_ARMS
     cont_steps = p.continue_steps if pruning else p.total_tokens // (p.continue_batch * p.seq_len)
     offset = p.prune_tokens if pruning else 0
-    start = d / "pruned_hf"
-    if reuse:
-        res.update({k: v for k, v in reuse.items() if k.startswith("prune")})
-        res["curve"] = [c for c in reuse["curve"] if c[0] < p.prune_tokens] if pruning else []
-    elif pruning:
-        prune_over = [f"model.source={src_dir}", f"max_duration={p.prune_steps}ba", f"save_folder={d / 'prune'}",
-                      f"global_train_batch_size={p.prune_batch}", f"hf_save_dir={d / 'pruned_hf'}",
-                      "pruning.eval_shape=target", "save_overwrite=true"]
-        if arm == "a":  # the paper: Lagrangian, uniform init, Adam's own betas for masks and multipliers
-            prune_over += ["pruning.schedule=lagrangian", "pruning.mask_init=uniform", "pruning.mask_betas=null"]
-        if arm == "f":
-            prune_over += ["dynamic_loading=null"]
-        if arm in ("i", "j"):
-            prune_over += ["pruning.train_gates=sampled"]
-        # the arms that do not distil still run the source alongside, as a monitor only (alpha 0: the
-        # run is the same), to log the student's excess loss over it on each training batch
-        prune_over += teacher if arm in DISTILLING_ARMS else [teacher[0], "distillation.alpha=0"]
-        res["prune_wall_s"] = run_stage("yamls/demo/prune_smollm2.yaml", common + prune_over, d / "prune.log")
-        res["curve"] += eval_curve(d / "prune" / "metrics.jsonl", 0, p.prune_batch * p.seq_len)
-    elif arm in ("c", "d", "h"):
-        start = oneshot_run(src_dir, start, TARGET, "random" if arm == "d" else "importance",
-                            data=str(mds), domains=list(DOMAINS), calib_batches=8, batch_size=4, seed=0)
-    else:
-        start = random_init_dir(src_dir, TARGET, start, seed=0)
+    start = _start_model(arm, p, src_dir, mds, d, common, teacher, reuse, res)
     res["pruned"] = domain_losses(start, mds, DOMAINS, p.eval_batches, 8, desc=f"{arm} pruned")
     res["curve"].append((offset, sum(res["pruned"].values()) / len(DOMAINS)))
     res["final"], res["continue_wall_s"], curve = continue_stage(arm, start, d, common, teacher, cont_steps, p, offset,
@@ -229,11 +270,7 @@ def run_arm(arm: str, p: Preset, src_dir: Path, mds: Path, refs: list[float], wo
         res["seeds_wall_s"] = time.time() - t1
     res["continue_lr"] = CONTINUE_LR[arm]
     res["tokens"] = offset + cont_steps * p.continue_batch * p.seq_len
-    for key in ("pruned", "final"):
-        res[f"{key}_mean"] = sum(res[key].values()) / len(DOMAINS)
-        res[f"{key}_max_excess"] = max(res[key][dom] - r for dom, r in zip(DOMAINS, refs))
-    if (d / "prune" / "metrics.jsonl").exists():
-        res.update(prune_loss_stats(d / "prune" / "metrics.jsonl"))
+    _summarise(res, refs, d)
     _log(f"arm {arm}: pruned {res['pruned_mean']:.3f} final {res['final_mean']:.3f} ({res['wall_s']:.0f} s)")
     return res
 
@@ -315,49 +352,67 @@ def plot(results: list[dict], out: Path) -> Path:
     return out
 
 
-def write_report(results: list[dict], refs: list[float], p: Preset, preset: str, out_dir: Path, total_s: float) -> Path:
-    L = [f"# Fidelity at equal tokens ({preset} preset)\n",
-         f"Source SmolLM2-135M-Instruct (embedded) -> target {TARGET}. Every arm spends "
-         f"{p.total_tokens:,} training tokens ({p.seq_len}-token samples); pruning arms prune for "
-         f"{p.prune_steps} x {p.prune_batch} then continue for {p.continue_steps} x {p.continue_batch}; the "
-         f"others continue for all the tokens. Eval: token-mean cross-entropy on the same {p.eval_sequences} "
-         f"held-out samples per domain. Reference (source) losses: "
-         + ", ".join(f"{d} {r:.3f}" for d, r in zip(DOMAINS, refs)) + f". Arms' wall time {sum(r['wall_s'] for r in results) / 60:.1f} min in all on 2 CPU cores; arms "
-         f"that ran side by side with other work took longer, so compare wall times within a row only.\n",
-         "| arm | method | after pruning (sliced) | after continued | " + " | ".join(DOMAINS)
+def _intro_md(results: list[dict], refs: list[float], p: Preset, preset: str) -> list[str]:
+    """The title and what every arm shares: the target, the token budget, the eval and the references."""
+    return [f"# Fidelity at equal tokens ({preset} preset)\n",
+            f"Source SmolLM2-135M-Instruct (embedded) -> target {TARGET}. Every arm spends "
+            f"{p.total_tokens:,} training tokens ({p.seq_len}-token samples); pruning arms prune for "
+            f"{p.prune_steps} x {p.prune_batch} then continue for {p.continue_steps} x {p.continue_batch}; the "
+            f"others continue for all the tokens. Eval: token-mean cross-entropy on the same {p.eval_sequences} "
+            f"held-out samples per domain. Reference (source) losses: "
+            + ", ".join(f"{d} {r:.3f}" for d, r in zip(DOMAINS, refs)) + f". Arms' wall time "
+            f"{sum(r['wall_s'] for r in results) / 60:.1f} min in all on 2 CPU cores; arms "
+            f"that ran side by side with other work took longer, so compare wall times within a row only.\n"]
+
+
+def _table_md(results: list[dict]) -> list[str]:
+    """One row per arm: mean loss after pruning and after continued, per domain, worst excess."""
+    L = ["| arm | method | after pruning (sliced) | after continued | " + " | ".join(DOMAINS)
          + " | max excess over ref | continued lr | wall s |",
          "| --- | --- | --- | --- | " + " | ".join("---" for _ in DOMAINS) + " | --- | --- | --- |"]
     for r in results:
         L.append(f"| {r['arm']} | {r['label']} | {r['pruned_mean']:.3f} | **{r['final_mean']:.3f}** | "
                  + " | ".join(f"{r['final'][d]:.3f}" for d in DOMAINS)
                  + f" | {r['final_max_excess']:.3f} | {r.get('continue_lr', 5e-4):g} | {r['wall_s']:.0f} |")
+    return L
+
+
+def _masks_vs_oneshot_md(b: dict, c: dict) -> list[str]:
+    """The headline comparison, and whether it stands out of the continued stage's seed spread."""
+    L = [f"- learned masks (b) vs one-shot + continued (c), no distillation in either: after continued "
+         f"{c['final_mean'] - b['final_mean']:+.3f} nats in favour of b; after pruning alone "
+         f"{c['pruned_mean'] - b['pruned_mean']:+.3f}."]
+    if b.get("continue_seeds") and c.get("continue_seeds"):
+        seeds = {k: list(r["continue_seeds"].values()) for k, r in (("b", b), ("c", c))}
+        mb, mc = (sum(v) / len(v) for v in seeds.values())
+        spread = min(max(v) - min(v) for v in seeds.values())
+        verdict = ("smaller than either arm's seed range: not separable from the data order" if abs(mc - mb) < spread
+                   else "larger than the smaller seed range")
+        L.append(f"  Over the continued stage's seeds (below): b {mb:.3f}, c {mc:.3f}, {mc - mb:+.3f} in favour of b, "
+                 f"{verdict}.")
+    return L
+
+
+def _comparisons_md(results: list[dict]) -> list[str]:
+    """The pairwise differences the arms were designed for, for each pair that ran."""
     by = {r["arm"]: r for r in results}
-    L.append("")
-    if "b" in by and "c" in by:
-        L.append(f"- learned masks (b) vs one-shot + continued (c), no distillation in either: after continued "
-                 f"{by['c']['final_mean'] - by['b']['final_mean']:+.3f} nats in favour of b; after pruning alone "
-                 f"{by['c']['pruned_mean'] - by['b']['pruned_mean']:+.3f}.")
-        if by["b"].get("continue_seeds") and by["c"].get("continue_seeds"):
-            seeds = {k: list(by[k]["continue_seeds"].values()) for k in "bc"}
-            mb, mc = (sum(v) / len(v) for v in seeds.values())
-            spread = min(max(v) - min(v) for v in seeds.values())
-            verdict = ("smaller than either arm's seed range: not separable from the data order" if abs(mc - mb) < spread
-                       else "larger than the smaller seed range")
-            L.append(f"  Over the continued stage's seeds (below): b {mb:.3f}, c {mc:.3f}, {mc - mb:+.3f} in favour of b, "
-                     f"{verdict}.")
+    L = _masks_vs_oneshot_md(by["b"], by["c"]) if "b" in by and "c" in by else []
     if "g" in by and "h" in by:
         L.append(f"- arm g vs one-shot + continued, both distilling (h): after continued "
                  f"{by['h']['final_mean'] - by['g']['final_mean']:+.3f} nats in favour of g; after pruning alone "
                  f"{by['h']['pruned_mean'] - by['g']['pruned_mean']:+.3f}.")
     if "b" in by and "e" in by:
-        L.append(f"- from scratch (e) minus learned masks (b): {by['e']['final_mean'] - by['b']['final_mean']:+.3f} nats.")
+        L.append(f"- from scratch (e) minus learned masks (b): "
+                 f"{by['e']['final_mean'] - by['b']['final_mean']:+.3f} nats.")
     if "c" in by and "d" in by:
-        L.append(f"- random (d) minus one-shot importance (c): {by['d']['final_mean'] - by['c']['final_mean']:+.3f} nats.")
+        L.append(f"- random (d) minus one-shot importance (c): "
+                 f"{by['d']['final_mean'] - by['c']['final_mean']:+.3f} nats.")
     if "b" in by and "f" in by:
         L.append(f"- largest per-domain excess over the reference: dynamic (b) {by['b']['final_max_excess']:.3f}, "
                  f"static (f) {by['f']['final_max_excess']:.3f}.")
     if "b" in by and "a" in by:
-        L.append(f"- paper's method (a) minus projected schedule + importance init (b): {by['a']['final_mean'] - by['b']['final_mean']:+.3f} nats.")
+        L.append(f"- paper's method (a) minus projected schedule + importance init (b): "
+                 f"{by['a']['final_mean'] - by['b']['final_mean']:+.3f} nats.")
     for x, y, text in (("i", "b", "sampled gates (i) minus smooth gates (b)"),
                        ("j", "g", "with distillation, sampled gates (j) minus smooth gates (g)"),
                        ("h", "j", "one-shot + continued with distillation (h) minus arm j")):
@@ -367,48 +422,72 @@ def write_report(results: list[dict], refs: list[float], p: Preset, preset: str,
     if "b" in by and "g" in by:
         L.append(f"- distillation (g) minus none (b): {by['g']['final_mean'] - by['b']['final_mean']:+.3f} nats "
                  f"(wall {by['g']['wall_s']:.0f} s vs {by['b']['wall_s']:.0f} s).")
-    for r in results:
-        if r.get("prune_min_stray") is not None:
-            low = -100 * r["prune_min_stray"]
-            where = (f"fell at most {low:.2f}% of (source - target) below the warm-up target" if low > 0 else
-                     f"never fell below the warm-up target (closest {-low:.2f}% of source - target above it)")
-            means = (f" ({r['prune_window']}-batch running mean: first {r['prune_first_loss_mean']:.3f}, max "
-                     f"{r['prune_max_loss_mean']:.3f})" if r.get("prune_max_loss_mean") is not None else "")
-            gap = ""
-            if r.get("prune_max_gap") is not None:
-                run_max = r.get("prune_max_gap_mean")
-                gap = (f"; gap to the source on the same batch (LM loss minus the source's): first "
-                          f"{r['prune_first_gap']:.3f}, max {r['prune_max_gap']:.3f}"
-                          + (f" (running mean max {run_max:.3f})" if run_max is not None else "")
-                          + f", mean of the last {r['prune_window']} {r['prune_last_gap']:.3f}")
-            if r.get("prune_source_max_loss") is not None:
-                gap += (f"; the source's own loss on the same batches reached {r['prune_source_max_loss']:.3f}, "
-                           f"over the first loss + 1 nat on {r['prune_source_over_first_plus_1']} batches")
-            L.append(f"- arm {r['arm']} pruning: LM train loss first {r['prune_first_loss']:.3f}, max "
-                     f"{r['prune_max_loss']:.3f}{means}{gap}; expected params {where}.")
+    return L
+
+
+def _pruning_md(r: dict) -> str:
+    """One pruning arm's training loss, its gap to the source, and how far the expected params
+    strayed below the warm-up target (a pruning arm only: one with `prune_min_stray`)."""
+    low = -100 * r["prune_min_stray"]
+    where = (f"fell at most {low:.2f}% of (source - target) below the warm-up target" if low > 0 else
+             f"never fell below the warm-up target (closest {-low:.2f}% of source - target above it)")
+    means = (f" ({r['prune_window']}-batch running mean: first {r['prune_first_loss_mean']:.3f}, max "
+             f"{r['prune_max_loss_mean']:.3f})" if r.get("prune_max_loss_mean") is not None else "")
+    gap = ""
+    if r.get("prune_max_gap") is not None:
+        run_max = r.get("prune_max_gap_mean")
+        gap = (f"; gap to the source on the same batch (LM loss minus the source's): first "
+               f"{r['prune_first_gap']:.3f}, max {r['prune_max_gap']:.3f}"
+               + (f" (running mean max {run_max:.3f})" if run_max is not None else "")
+               + f", mean of the last {r['prune_window']} {r['prune_last_gap']:.3f}")
+    if r.get("prune_source_max_loss") is not None:
+        gap += (f"; the source's own loss on the same batches reached {r['prune_source_max_loss']:.3f}, "
+                f"over the first loss + 1 nat on {r['prune_source_over_first_plus_1']} batches")
+    return (f"- arm {r['arm']} pruning: LM train loss first {r['prune_first_loss']:.3f}, max "
+            f"{r['prune_max_loss']:.3f}{means}{gap}; expected params {where}.")
+
+
+def _seeds_md(results: list[dict]) -> list[str]:
+    """The continued stage's spread over data orders, for the arms run with extra seeds."""
     seeded = [r for r in results if r.get("continue_seeds")]
-    if seeded:
-        L.append("\nSeed spread of the continued stage alone (same pruned model, same lr; the seed moves the "
-                 "data order), mean eval loss after continued:\n")
-        for r in seeded:
-            v = sorted(r["continue_seeds"].items())
-            vals = [x for _, x in v]
-            L.append(f"- arm {r['arm']}: " + ", ".join(f"seed {k}: {x:.3f}" for k, x in v)
-                     + f"; mean {sum(vals) / len(vals):.3f}, range {max(vals) - min(vals):.3f}")
+    if not seeded:
+        return []
+    L = ["\nSeed spread of the continued stage alone (same pruned model, same lr; the seed moves the "
+         "data order), mean eval loss after continued:\n"]
+    for r in seeded:
+        v = sorted(r["continue_seeds"].items())
+        vals = [x for _, x in v]
+        L.append(f"- arm {r['arm']}: " + ", ".join(f"seed {k}: {x:.3f}" for k, x in v)
+                 + f"; mean {sum(vals) / len(vals):.3f}, range {max(vals) - min(vals):.3f}")
+    return L
+
+
+def _lr_sweep_md(results: list[dict]) -> list[str]:
+    """Each swept arm's loss at every continued lr tried: where CONTINUE_LR comes from."""
     swept = [r for r in results if r.get("lr_sweep")]
-    if swept:
-        L.append("\nContinued lr, mean eval loss after continued pretraining at each lr tried (same pruned model, "
-                 "same tokens); the table uses each arm's `continue_lr`:\n")
-        for r in swept:
-            L.append(f"- arm {r['arm']}: " + ", ".join(f"{float(lr):g}: {v:.3f}" for lr, v in
-                                                    sorted(r["lr_sweep"].items(), key=lambda kv: float(kv[0]))))
-    L.append(f"\n![loss vs tokens](fidelity-{preset}.png)\n")
+    if not swept:
+        return []
+    L = ["\nContinued lr, mean eval loss after continued pretraining at each lr tried (same pruned model, "
+         "same tokens); the table uses each arm's `continue_lr`:\n"]
+    for r in swept:
+        L.append(f"- arm {r['arm']}: " + ", ".join(f"{float(lr):g}: {v:.3f}" for lr, v in
+                                                sorted(r["lr_sweep"].items(), key=lambda kv: float(kv[0]))))
+    return L
+
+
+def write_report(results: list[dict], refs: list[float], p: Preset, preset: str, out_dir: Path, total_s: float) -> Path:
+    """bench/results/fidelity-<preset>.md from the arms' results (written whole: temp file, then rename)."""
+    L = [*_intro_md(results, refs, p, preset), *_table_md(results), "", *_comparisons_md(results),
+         *(_pruning_md(r) for r in results if r.get("prune_min_stray") is not None),
+         *_seeds_md(results), *_lr_sweep_md(results), f"\n![loss vs tokens](fidelity-{preset}.png)\n"]
     path = out_dir / f"fidelity-{preset}.md"
-    path.write_text("\n".join(L) + "\n")
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(L) + "\n")
+    tmp.replace(path)
     return path
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--arms", default=",".join(ARMS))
@@ -421,6 +500,43 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="",
                     help="extra seeds for the continued stage of each arm run (e.g. 18,19): the data order moves "
                          "the result by tenths of a nat at the cpu preset's size")
+    return ap
+
+
+def _redraw(preset: str, out: Path) -> int:
+    """--from-json: the table and plot again from the saved results, running nothing."""
+    payload = json.loads((out / f"fidelity-{preset}.json").read_text())
+    refs = [payload["source"][d] for d in DOMAINS]
+    plot(payload["arms"], out / f"fidelity-{preset}.png")
+    md = write_report(payload["arms"], refs, PRESETS[preset], preset, out, payload.get("total_s", 0.0))
+    print(md.read_text())
+    return 0
+
+
+def _earlier_results(json_path: Path, p: Preset, source: dict, arms: list[str]) -> tuple[list[dict], dict]:
+    """(the earlier run's arms not rerun now, {arm: its earlier result}) when that run had the same
+    preset config and source losses; nothing otherwise, as its numbers would not compare."""
+    if not json_path.exists():
+        return [], {}
+    old = json.loads(json_path.read_text())
+    same_source = set(old.get("source", {})) == set(source) and all(
+        abs(old["source"][k] - v) < 1e-3 for k, v in source.items())
+    if old.get("config") == asdict(p) and same_source:
+        return [r for r in old["arms"] if r["arm"] not in arms], {r["arm"]: r for r in old["arms"]}
+    return [], {}
+
+
+def _save_results(json_path: Path, preset: str, p: Preset, source: dict, results: list[dict], t0: float) -> None:
+    """The results so far (temp file, then rename): a long run that stops still leaves a table."""
+    payload = {"preset": preset, "config": asdict(p), "target": TARGET, "source": source, "arms": results,
+               "total_s": time.time() - t0}
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(json_path)
+
+
+def main(argv=None) -> int:
+    ap = _parser()
     args = ap.parse_args(argv)
     try:
         seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
@@ -429,13 +545,7 @@ def main(argv=None) -> int:
     if recipe_seed() in seeds:
         ap.error(f"--seeds: {recipe_seed()} is the recipe's own seed, already run")
     if args.from_json:
-        payload = json.loads((Path(args.out) / f"fidelity-{args.preset}.json").read_text())
-        refs = [payload["source"][d] for d in DOMAINS]
-        plot(payload["arms"], Path(args.out) / f"fidelity-{args.preset}.png")
-        md = write_report(payload["arms"], refs, PRESETS[args.preset], args.preset, Path(args.out),
-                          payload.get("total_s", 0.0))
-        print(md.read_text())
-        return 0
+        return _redraw(args.preset, Path(args.out))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -455,26 +565,14 @@ def main(argv=None) -> int:
     source = domain_losses(src, mds, DOMAINS, p.eval_batches, 8, desc="source")
     refs = [source[d] for d in DOMAINS]
     _log("source losses " + ", ".join(f"{d} {v:.3f}" for d, v in source.items()))
-    results, previous = [], {}
     json_path = out_dir / f"fidelity-{args.preset}.json"
-    if json_path.exists():  # keep the arms of an earlier run of the same preset that are not rerun now
-        old = json.loads(json_path.read_text())
-        same_source = set(old.get("source", {})) == set(source) and all(
-            abs(old["source"][k] - v) < 1e-3 for k, v in source.items())
-        if old.get("config") == asdict(p) and same_source:
-            results = [r for r in old["arms"] if r["arm"] not in arms]
-            previous = {r["arm"]: r for r in old["arms"]}
+    results, previous = _earlier_results(json_path, p, source, arms)
     for arm in arms:
         _log(f"arm {arm}: {ARMS[arm]}")
         results.append(run_arm(arm, p, src, mds, refs, work, previous.get(arm) if args.reuse_pruned else None,
                                seeds))
         results.sort(key=lambda r: r["arm"])
-        # keep what is done: a long run that stops still leaves a table
-        payload = {"preset": args.preset, "config": asdict(p), "target": TARGET, "source": source, "arms": results,
-                   "total_s": time.time() - t0}
-        tmp = json_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(payload, indent=1))
-        tmp.replace(json_path)
+        _save_results(json_path, args.preset, p, source, results, t0)
     plot(results, out_dir / f"fidelity-{args.preset}.png")
     md = write_report(results, refs, p, args.preset, out_dir, time.time() - t0)
     print(md.read_text())

@@ -224,6 +224,25 @@ def _eos_id(tok) -> int:
     return int(eos)
 
 
+def _parse_doc(line: str, job: _Job, where: str) -> tuple[str, str]:
+    """(domain, text) of one JSON line; raises json.JSONDecodeError or BadLineError (``where: reason``)."""
+    obj = json.loads(line)
+    if not isinstance(obj, dict):
+        raise BadLineError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if job.text_key not in obj:
+        raise BadLineError(f"{where}: no {job.text_key!r} key")
+    text = obj[job.text_key]
+    if not isinstance(text, str):
+        raise BadLineError(f"{where}: {job.text_key!r} is {type(text).__name__}, not a string")
+    if not job.domain_key:
+        return _domain_name(job.dir_domain, job.domain_map, where), text
+    try:
+        raw = _get_dotted(obj, job.domain_key)
+    except KeyError:
+        raise BadLineError(f"{where}: no domain key {job.domain_key!r}") from None
+    return _domain_name(str(raw), job.domain_map, where), text
+
+
 def _iter_docs(job: _Job, result: _FileResult) -> Iterator[tuple[str, str]]:
     """(domain, text) per good line; bad lines raise or are counted."""
     kind = "gzip" if job.path.endswith(".gz") else "zstd" if job.path.endswith(".zst") else None
@@ -253,22 +272,7 @@ def _iter_docs(job: _Job, result: _FileResult) -> Iterator[tuple[str, str]]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict):
-                    raise BadLineError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-                if job.text_key not in obj:
-                    raise BadLineError(f"{where}: no {job.text_key!r} key")
-                text = obj[job.text_key]
-                if not isinstance(text, str):
-                    raise BadLineError(f"{where}: {job.text_key!r} is {type(text).__name__}, not a string")
-                if job.domain_key:
-                    try:
-                        raw = _get_dotted(obj, job.domain_key)
-                    except KeyError:
-                        raise BadLineError(f"{where}: no domain key {job.domain_key!r}") from None
-                    domain = _domain_name(str(raw), job.domain_map, where)
-                else:
-                    domain = _domain_name(job.dir_domain, job.domain_map, where)
+                domain, text = _parse_doc(line, job, where)
             except json.JSONDecodeError as err:
                 bad = BadLineError(f"{where}: invalid JSON ({err.msg} at column {err.colno})")
                 if not job.skip_bad_lines:
@@ -369,6 +373,89 @@ def _write_domain(out_tmp: str, domain: str, paths: list[str], lens_paths: list[
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_arguments(inputs: Union[str, Sequence[str]], out: str, seq_len: int, eval_sequences: int,
+                     overwrite: bool) -> tuple[list[str], str]:
+    """(inputs as a list, OUT as an absolute path), or the argument's error before any file is read."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [str(inputs)]
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    if eval_sequences < 0:
+        raise ValueError(f"eval_sequences must be >= 0, got {eval_sequences}")
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    return list(inputs), out
+
+
+def _tokenize_files(jobs: list[_Job], tokenizer, tok, workers: int, progress: bool) -> list[_FileResult]:
+    """Every file's token streams (in work_dir), in file order: in this process for one worker,
+    else in a pool whose workers die with this process."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(jobs), desc="tokenize", unit="file", disable=not progress)
+    results = []
+    if workers == 1:
+        _init_worker(tok)
+        for j in jobs:
+            results.append(_tokenize_file(j))
+            bar.update(1)
+    else:
+        import multiprocessing as mp
+
+        # fork is seconds faster per worker than spawn (no re-import of transformers); the
+        # parent has only loaded the tokenizer, not run it, so its Rust thread pool is unused.
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(tokenizer if isinstance(tokenizer, (str, os.PathLike)) else tok,
+                                           os.getpid())) as ex:
+            for r in ex.map(_tokenize_file, jobs):
+                results.append(r)
+                bar.update(1)
+    bar.close()
+    results.sort(key=lambda r: r.file_index)
+    return results
+
+
+def _group_by_domain(results: list[_FileResult], files: list[tuple[str, str]], domain_key: Optional[str],
+                     domain_map: Mapping[str, str]) -> tuple[dict[str, tuple[list[str], list[str]]], dict[str, int]]:
+    """({domain: (token stream paths, doc length paths)} in file order, {skip reason: count}).
+
+    An empty file, no documents at all, or (domains from directories) a domain whose every line
+    was skipped is an error: a domain would be silently missing from the output."""
+    per_domain: dict[str, tuple[list[str], list[str]]] = {}
+    skipped: dict[str, int] = {}
+    for r, (path, dir_domain) in zip(results, files):
+        if not r.domains and not r.skipped:
+            named = "" if domain_key else f" (domain {domain_map.get(dir_domain, dir_domain)!r})"
+            raise ValueError(f"{path}: empty JSONL file{named}: no documents")
+        for reason, n in r.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+        for domain, (path, _, lens_path) in r.domains.items():
+            per_domain.setdefault(domain, ([], []))
+            per_domain[domain][0].append(path)
+            per_domain[domain][1].append(lens_path)
+    if not per_domain:
+        raise ValueError(f"no documents found in {len(files)} input file(s)")
+    if not domain_key:
+        for d in sorted({domain_map.get(dd, dd) for _, dd in files} - set(per_domain)):
+            raise ValueError(f"domain {d!r}: no documents in its input files (every line was skipped)")
+    return per_domain, skipped
+
+
+def _write_splits(tmp: str, per_domain: dict[str, tuple[list[str], list[str]]], seq_len: int, eval_sequences: int,
+                  vocab_size: int, compression: Optional[str], progress: bool) -> dict[str, dict]:
+    """Each domain's train/eval MDS under `tmp`, in name order; returns {domain: its stats}."""
+    from tqdm import tqdm
+
+    domains = {}
+    for domain in tqdm(sorted(per_domain), desc="write MDS", unit="domain", disable=not progress):
+        paths, lens_paths = per_domain[domain]
+        domains[domain] = _write_domain(tmp, domain, paths, lens_paths, seq_len, eval_sequences, vocab_size,
+                                        compression)
+    return domains
+
+
 def tokenize_domains(inputs: Union[str, Sequence[str]], out: str, tokenizer, seq_len: int, eval_sequences: int, *,
                      domain_key: Optional[str] = None, domain_map: Optional[Mapping[str, str]] = None,
                      text_key: str = "text", workers: Optional[int] = None, skip_bad_lines: bool = False,
@@ -382,17 +469,7 @@ def tokenize_domains(inputs: Union[str, Sequence[str]], out: str, tokenizer, seq
     domain is the name of each file's directory. Raises ``BadLineError`` (``file:line: reason``)
     on a malformed line unless ``skip_bad_lines``.
     """
-    from tqdm import tqdm
-
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [str(inputs)]
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    if eval_sequences < 0:
-        raise ValueError(f"eval_sequences must be >= 0, got {eval_sequences}")
-    out = os.path.abspath(out)
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    inputs, out = _check_arguments(inputs, out, seq_len, eval_sequences, overwrite)
     if domain_map is None:
         domain_map = REDPAJAMA_SHORT_NAMES if domain_key == "meta.redpajama_set_name" else {}
     files = find_inputs(inputs, by_directory=not domain_key)
@@ -407,58 +484,15 @@ def tokenize_domains(inputs: Union[str, Sequence[str]], out: str, tokenizer, seq
         os.makedirs(work)
         jobs = [_Job(f, d, work, i, text_key, domain_key, dict(domain_map), skip_bad_lines, batch_docs)
                 for i, (f, d) in enumerate(files)]
-        bar = tqdm(total=len(jobs), desc="tokenize", unit="file", disable=not progress)
-        if workers == 1:
-            _init_worker(tok)
-            results = []
-            for j in jobs:
-                results.append(_tokenize_file(j))
-                bar.update(1)
-        else:
-            import multiprocessing as mp
-
-            # fork is seconds faster per worker than spawn (no re-import of transformers); the
-            # parent has only loaded the tokenizer, not run it, so its Rust thread pool is unused.
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(tokenizer if isinstance(tokenizer, (str, os.PathLike)) else tok,
-                                               os.getpid())) as ex:
-                results = []
-                for r in ex.map(_tokenize_file, jobs):
-                    results.append(r)
-                    bar.update(1)
-        bar.close()
-        results.sort(key=lambda r: r.file_index)
-
-        per_domain: dict[str, tuple[list[str], list[str]]] = {}
-        skipped: dict[str, int] = {}
-        for r, (path, dir_domain) in zip(results, files):
-            if not r.domains and not r.skipped:
-                named = "" if domain_key else f" (domain {domain_map.get(dir_domain, dir_domain)!r})"
-                raise ValueError(f"{path}: empty JSONL file{named}: no documents")
-            for reason, n in r.skipped.items():
-                skipped[reason] = skipped.get(reason, 0) + n
-            for domain, (path, _, lens_path) in r.domains.items():
-                per_domain.setdefault(domain, ([], []))
-                per_domain[domain][0].append(path)
-                per_domain[domain][1].append(lens_path)
-        if not per_domain:
-            raise ValueError(f"no documents found in {len(files)} input file(s)")
-        if not domain_key:
-            for d in sorted({domain_map.get(dd, dd) for _, dd in files} - set(per_domain)):
-                raise ValueError(f"domain {d!r}: no documents in its input files (every line was skipped)")
-
+        results = _tokenize_files(jobs, tokenizer, tok, workers, progress)
+        per_domain, skipped = _group_by_domain(results, files, domain_key, domain_map)
         stats: dict[str, Any] = {"seq_len": seq_len, "eval_sequences": eval_sequences, "vocab_size": vocab_size,
-                                 "dtype": token_dtype(vocab_size), "input_files": len(files), "domains": {}}
-        for domain in tqdm(sorted(per_domain), desc="write MDS", unit="domain", disable=not progress):
-            paths, lens_paths = per_domain[domain]
-            stats["domains"][domain] = _write_domain(tmp, domain, paths, lens_paths, seq_len, eval_sequences,
-                                                     vocab_size, compression)
+                                 "dtype": token_dtype(vocab_size), "input_files": len(files)}
+        stats["domains"] = _write_splits(tmp, per_domain, seq_len, eval_sequences, vocab_size, compression, progress)
         stats["skipped_lines"] = {"total": sum(skipped.values()), "by_reason": dict(sorted(skipped.items()))}
         shutil.rmtree(work)
         with open(os.path.join(tmp, "stats.json"), "w") as f:
             json.dump(stats, f, indent=2, sort_keys=True)
-
     return stats
 
 

@@ -91,3 +91,13 @@ def test_link_checker_catches_broken_links():
     assert _problem(page, "recipes.md#inside-llm-foundry") is None
     assert _problem(page, "https://example.org/x") is None
     assert _slug("Drop-in use in your own Composer `Trainer`") == "drop-in-use-in-your-own-composer-trainer"
+
+
+def test_layout_page_lists_every_package():
+    """docs/layout.md is the map of the code: a package the wheel ships but the page omits fails."""
+    import tomllib
+
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    page = (REPO / "docs" / "layout.md").read_text()
+    missing = [p for p in packages if p != "composer_sheared" and ".yamls" not in p and f"`{p}`" not in page]
+    assert not missing, f"docs/layout.md does not list {missing}"

@@ -42,7 +42,7 @@ def test_pyproject_ships_every_package_of_the_checkout():
 
 
 def test_help_lists_every_subcommand_and_each_tool_gets_its_arguments(capsys):
-    assert set(COMMANDS) == {"train", "export", "oneshot", "evaluate", "demo", "plan"}
+    assert set(COMMANDS) == {"train", "export", "oneshot", "evaluate", "fetch", "demo", "plan"}
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
@@ -134,6 +134,12 @@ def test_installed_wheel_works_outside_the_checkout(built):
     help_text = _run([site / "bin" / "composer-sheared", "--help"], work, env)
     assert all(f"    {name}" in help_text for name in COMMANDS), help_text
     assert "--out" in _run([sys.executable, "-m", "composer_sheared.demo", "--help"], work, env)
+    # the older `python -m` forms run the same tools as the subcommands
+    for module, command, flag in (("prune", "export", "--tokenizer"), ("oneshot", "oneshot", "--target"),
+                                  ("evaluate", "evaluate", "--tasks"), ("fetch", "fetch", "--no-progress")):
+        old = _run([sys.executable, "-m", f"composer_sheared.{module}", "--help"], work, env)
+        new = _run([site / "bin" / "composer-sheared", command, "--help"], work, env)
+        assert flag in old and flag in new, (module, old)
     assert "--seq-len" in _run([sys.executable, "-m", "data_prep.tokenize_domains", "--help"], work, env)
     assert list(work.iterdir()) == []  # nothing written into the working directory by --help
 

@@ -10,9 +10,15 @@ from typing import Callable, Optional
 
 from data_prep.local_corpus import DOMAINS
 
-__all__ = ["DOMAINS", "DEMO_RECIPES", "demo_target", "build_data", "build_next_line"]
+__all__ = ["DOMAINS", "DEMO_RECIPES", "PROMPTS", "demo_target", "build_data", "build_next_line"]
 
 DEMO_RECIPES = ("demo/prune_smollm2", "demo/continue_smollm2")
+PROMPTS = [  # the report's greedy generations
+    "def fibonacci(n):\n",
+    "Permission is hereby granted, free of charge,",
+    "The capital of France is",
+    "  * Fixed a crash when",
+]
 
 
 def _note(msg: str) -> None:

@@ -92,20 +92,14 @@ def build_loggers(cfg: TrainConfig) -> list:
     return loggers
 
 
-def build_trainer(cfg: TrainConfig, resolved: Resolved, extra_loggers=(), extra_callbacks=()):
-    import torch
-    from composer import Trainer
-    from composer.callbacks import LRMonitor, SpeedMonitor
-    from composer.metrics.nlp import LanguageCrossEntropy
-    from composer.models import HuggingFaceModel
-    from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
+def _start_ranks(cfg: TrainConfig, has_gpu: bool) -> int:
+    """Seed, join the process group and clear an overwritten run's outputs; returns the per-rank
+    batch. Seeding comes first so every rank draws the same random init; the barrier keeps the
+    other ranks from reading save_folder while rank 0 is still clearing it."""
     from composer.utils import dist, reproducibility
 
     from composer_sheared.run import builders as builders
-    from composer_sheared.callbacks import DynamicBatchLoading, StopOnNonFiniteLoss
-    from composer_sheared.run.plan import flops_per_token
 
-    has_gpu = torch.cuda.is_available()
     reproducibility.seed_all(cfg.seed)
     if not dist.is_initialized() and dist.get_world_size() > 1:
         dist.initialize_dist("gpu" if has_gpu else "cpu", timeout=cfg.dist_timeout)
@@ -113,22 +107,30 @@ def build_trainer(cfg: TrainConfig, resolved: Resolved, extra_loggers=(), extra_
     if cfg.global_train_batch_size % world:
         raise ConfigError("global_train_batch_size", f"{cfg.global_train_batch_size} is not divisible by the "
                                                      f"{world} ranks")
-    device_batch = cfg.global_train_batch_size // world
     if rank == 0:
         for p in builders.clear_previous_run(cfg, metrics_path(cfg), hf_output_dir(cfg)):
             log.warning("save_overwrite=true: removed %s of the earlier run", p)
     dist.barrier()
+    return cfg.global_train_batch_size // world
 
-    hf_model, src = builders.build_hf_model(cfg, resolved, rank)
+
+def _build_model(cfg: TrainConfig, resolved: Resolved, use_fsdp: bool):
+    """The HF model wrapped for Composer, and its tokenizer. Under FSDP activation checkpointing is
+    FSDP's to apply (see _parallelism), so the model only gets its wrap hooks. The FLOPs count is
+    the source shape's: a masked model still computes at its full size."""
+    from composer.metrics.nlp import LanguageCrossEntropy
+    from composer.models import HuggingFaceModel
+    from composer.utils import dist
+
+    from composer_sheared.run import builders as builders
+    from composer_sheared.run.plan import flops_per_token
+
+    hf_model, src = builders.build_hf_model(cfg, resolved, dist.get_global_rank())
     tokenizer = builders.build_tokenizer(cfg, src)
-    use_fsdp = cfg.fsdp is not None and has_gpu
-    if cfg.fsdp is not None and not has_gpu:
-        warnings.warn("fsdp is set but no GPU is present: FSDP is GPU-only in Composer; using DDP/single process")
     if use_fsdp:
         builders.configure_fsdp_hooks(hf_model)
     elif cfg.model.activation_checkpointing:
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
     eval_metrics = [LanguageCrossEntropy()]
     if cfg.downstream is not None:
         from composer_sheared.eval.next_line import NextLineAccuracy
@@ -138,28 +140,46 @@ def build_trainer(cfg: TrainConfig, resolved: Resolved, extra_loggers=(), extra_
                              metrics=[LanguageCrossEntropy()], eval_metrics=eval_metrics)
     fpt = flops_per_token(resolved.source, cfg.max_seq_len)
     model.flops_per_batch = lambda batch: fpt * batch["input_ids"].numel()
+    return model, tokenizer
+
+
+def _build_data(cfg: TrainConfig, device_batch: int, tokenizer):
+    """The train dataloader and the evaluators: one per domain (what dynamic loading reads), plus
+    the downstream task, which is scored with the domain losses and ignored by dynamic loading."""
+    from composer_sheared.run import builders as builders
 
     train_dl, evaluators = builders.build_dataloaders(cfg, device_batch)
-    if cfg.downstream is not None:  # scored with the domain losses; dynamic loading ignores its label
+    if cfg.downstream is not None:
         from composer_sheared.eval.next_line import build_next_line_evaluator
 
         if tokenizer is None:
             raise ConfigError("downstream", "the next-line task needs a tokenizer (model.tokenizer)")
         evaluators.append(build_next_line_evaluator(cfg.downstream.task_dir, tokenizer, cfg.downstream.batch_size,
                                                     subset_num_batches=cfg.downstream.subset_num_batches))
+    return train_dl, evaluators
+
+
+def _build_optimizer(cfg: TrainConfig, model):
+    """The model's optimizer and schedule. Built before the Trainer so that ShearingPruning can add
+    its mask and multiplier groups to it at Event.INIT."""
+    from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
+
     o = cfg.optimizer
     optimizer = DecoupledAdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                weight_decay=o.weight_decay)
-    scheduler = CosineAnnealingWithWarmupScheduler(t_warmup=cfg.scheduler.t_warmup, alpha_f=cfg.scheduler.alpha_f)
+    return optimizer, CosineAnnealingWithWarmupScheduler(t_warmup=cfg.scheduler.t_warmup, alpha_f=cfg.scheduler.alpha_f)
 
+
+def _build_algorithms(cfg: TrainConfig, resolved: Resolved, device_batch: int) -> list:
+    """ShearingPruning (`pruning:`) and Distillation (`distillation:`). Importance init reads its
+    calibration batches here, the same fixed train samples on every rank, so the masks start equal."""
     algorithms = []
-    callbacks = [StopOnNonFiniteLoss(), LRMonitor(), SpeedMonitor(window_size=cfg.speed_monitor_window)]
     if cfg.pruning is not None:
         from composer_sheared.algorithms import ShearingPruning
 
         p = cfg.pruning
         calibration = None
-        if p.mask_init == "importance":  # the same fixed train samples on every rank
+        if p.mask_init == "importance":
             from composer_sheared.data.calibration import calibration_batches
 
             calibration = calibration_batches(cfg.data.local, list(cfg.data.domains), p.calibration_batches,
@@ -175,36 +195,127 @@ def build_trainer(cfg: TrainConfig, resolved: Resolved, extra_loggers=(), extra_
         kd = cfg.distillation
         algorithms.append(Distillation(teacher=kd.teacher, alpha=kd.alpha, temperature=kd.temperature,
                                        teacher_dtype=kd.teacher_dtype))
+    return algorithms
+
+
+def _build_callbacks(cfg: TrainConfig, extra_callbacks=()) -> list:
+    """The callbacks every run has (a non-finite loss stops it before anything is saved; LR and
+    speed monitors), DynamicBatchLoading for `dynamic_loading:`, then the caller's."""
+    from composer.callbacks import LRMonitor, SpeedMonitor
+
+    from composer_sheared.callbacks import DynamicBatchLoading, StopOnNonFiniteLoss
+
+    callbacks = [StopOnNonFiniteLoss(), LRMonitor(), SpeedMonitor(window_size=cfg.speed_monitor_window)]
     if cfg.dynamic_loading is not None:
         dl = cfg.dynamic_loading
         callbacks.append(DynamicBatchLoading(list(cfg.data.domains), plain(dl.reference_losses), rule=dl.rule,
                                              eta=dl.eta, c=dl.c))
     callbacks.extend(extra_callbacks)
+    return callbacks
 
+
+def _precision(cfg: TrainConfig, has_gpu: bool) -> str:
+    """The configured precision on a GPU; fp32 on CPU, as the amp modes need one."""
     precision = cfg.precision if has_gpu else "fp32"
     if precision != cfg.precision:
         log.warning("precision=%s needs a GPU; using fp32 on CPU", cfg.precision)
-    parallelism = None
-    if use_fsdp:
-        fsdp = dict(cfg.fsdp)
-        fsdp.setdefault("activation_checkpointing", cfg.model.activation_checkpointing)
-        fsdp.setdefault("activation_checkpointing_reentrant", False)
-        if cfg.model.init_device == "mixed":
-            fsdp.setdefault("sync_module_states", True)
-        parallelism = {"fsdp": fsdp}
+    return precision
 
+
+def _parallelism(cfg: TrainConfig, use_fsdp: bool) -> Optional[dict]:
+    """Composer's FSDP config: activation checkpointing is FSDP's to apply (non-reentrant, as
+    without FSDP), and a `mixed` init (real weights on rank 0 only) is broadcast to the others."""
+    if not use_fsdp:
+        return None
+    fsdp = dict(cfg.fsdp)
+    fsdp.setdefault("activation_checkpointing", cfg.model.activation_checkpointing)
+    fsdp.setdefault("activation_checkpointing_reentrant", False)
+    if cfg.model.init_device == "mixed":
+        fsdp.setdefault("sync_module_states", True)
+    return {"fsdp": fsdp}
+
+
+def _checkpoint_kwargs(cfg: TrainConfig) -> dict:
+    """The Trainer's saving and resuming arguments; `checkpoint: false` saves no checkpoints."""
+    return dict(save_folder=cfg.save_folder if cfg.checkpoint else None, save_interval=cfg.save_interval,
+                save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep, save_overwrite=cfg.save_overwrite,
+                autoresume=cfg.autoresume, load_path=cfg.load_path)
+
+
+def build_trainer(cfg: TrainConfig, resolved: Resolved, extra_loggers=(), extra_callbacks=()):
+    """The Composer Trainer for one stage, and the tokenizer (saved with the HF result). The steps
+    run in this order because it fixes what the seed draws (the model's init first)."""
+    import torch
+    from composer import Trainer
+
+    has_gpu = torch.cuda.is_available()
+    device_batch = _start_ranks(cfg, has_gpu)
+    use_fsdp = cfg.fsdp is not None and has_gpu
+    if cfg.fsdp is not None and not has_gpu:
+        warnings.warn("fsdp is set but no GPU is present: FSDP is GPU-only in Composer; using DDP/single process")
+    model, tokenizer = _build_model(cfg, resolved, use_fsdp)
+    train_dl, evaluators = _build_data(cfg, device_batch, tokenizer)
+    optimizer, scheduler = _build_optimizer(cfg, model)
+    algorithms = _build_algorithms(cfg, resolved, device_batch)
+    callbacks = _build_callbacks(cfg, extra_callbacks)
+    precision = _precision(cfg, has_gpu)
     trainer = Trainer(
         model=model, run_name=cfg.run_name, train_dataloader=train_dl, eval_dataloader=evaluators,
         eval_interval=cfg.eval_interval, max_duration=cfg.max_duration, optimizers=optimizer, schedulers=scheduler,
         algorithms=algorithms, callbacks=callbacks, loggers=[*extra_loggers, *build_loggers(cfg)],
         precision=precision, device_train_microbatch_size=cfg.device_train_microbatch_size or device_batch,
-        progress_bar=cfg.progress_bar, log_to_console=False,
-        save_folder=cfg.save_folder if cfg.checkpoint else None, save_interval=cfg.save_interval,
-        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep, save_overwrite=cfg.save_overwrite,
-        autoresume=cfg.autoresume, load_path=cfg.load_path, parallelism_config=parallelism, seed=cfg.seed,
+        progress_bar=cfg.progress_bar, log_to_console=False, **_checkpoint_kwargs(cfg),
+        parallelism_config=_parallelism(cfg, use_fsdp), seed=cfg.seed,
         dist_timeout=cfg.dist_timeout, python_log_level=cfg.python_log_level,
     )
     return trainer, tokenizer
+
+
+def _prepare_save_folder(cfg: TrainConfig, resolved: Resolved, rank0: bool) -> list:
+    """Ready save_folder for this run, under its lock; returns the resume's callbacks.
+
+    A resume applies the changes validation allowed; a kill while a checkpoint was written must
+    not block autoresume; an object-store save_folder holds no earlier run's checkpoints unless
+    resuming, and a resume in a fresh container appends to the uploaded metrics."""
+    from composer_sheared.run import safety as rs
+    from composer_sheared.run.remote_save import check_fresh, restore_metrics
+
+    callbacks = rs.start_resume(cfg, resolved)
+    if cfg.autoresume and cfg.checkpoint:
+        from composer_sheared.run.checkpointing import set_aside_unfinished_checkpoints
+
+        set_aside_unfinished_checkpoints(cfg.save_folder, cfg.run_name or "")
+    check_fresh(cfg)
+    if rank0:
+        restore_metrics(cfg)
+    return callbacks
+
+
+def _fit_and_export(cfg: TrainConfig, trainer, tokenizer):
+    """Train (unless the checkpoint is at max_duration already: a kill during the export), then save
+    the HF result; returns its directory. A full disk is named with the stage it stopped; the
+    trainer is closed whatever happens."""
+    from composer_sheared.run import safety as rs
+    from composer_sheared.run.builders import save_hf_result
+
+    stage = "fit"
+    try:
+        if rs.trained_to_the_end(trainer.state):
+            print(f"[train] the checkpoint is at max_duration={cfg.max_duration} already: finishing the export",
+                  flush=True)
+        else:
+            if cfg.eval_first:
+                trainer.eval()
+            trainer.fit()
+        stage = "hf"
+        return save_hf_result(trainer.state, cfg, tokenizer, hf_output_dir(cfg)) if cfg.save_hf else None
+    except Exception as err:
+        full = rs.no_space(cfg, err, stage)
+        if full is None:
+            raise
+        raise full from err
+    finally:
+        trainer.close()
 
 
 def main(cfg: TrainConfig, resolved: Resolved, extra_loggers=(), extra_callbacks=()) -> dict:
@@ -213,7 +324,6 @@ def main(cfg: TrainConfig, resolved: Resolved, extra_loggers=(), extra_callbacks
     Rank 0 holds save_folder's lock for the whole run; a resume applies the changes validation
     allowed; a checkpoint at max_duration already (killed during the export) only exports."""
     from composer_sheared.run import safety as rs
-    from composer_sheared.run.builders import save_hf_result
 
     if cfg.dry_run:
         return {"plan": dry_run(cfg, resolved)}
@@ -221,36 +331,10 @@ def main(cfg: TrainConfig, resolved: Resolved, extra_loggers=(), extra_callbacks
 
     t0, rank0 = time.time(), dist.get_global_rank() == 0
     with rs.hold_save_folder(cfg):
-        callbacks = [*extra_callbacks, *rs.start_resume(cfg, resolved)]
-        if cfg.autoresume and cfg.checkpoint:  # a kill while a checkpoint was written must not block autoresume
-            from composer_sheared.run.checkpointing import set_aside_unfinished_checkpoints
-
-            set_aside_unfinished_checkpoints(cfg.save_folder, cfg.run_name or "")
-        from composer_sheared.run.remote_save import check_fresh, restore_metrics
-
-        check_fresh(cfg)  # an object-store save_folder: no earlier run's checkpoints unless resuming
-        if rank0:  # ... and a resume in a fresh container appends to the uploaded metrics
-            restore_metrics(cfg)
+        callbacks = [*extra_callbacks, *_prepare_save_folder(cfg, resolved, rank0)]
         trainer, tokenizer = build_trainer(cfg, resolved, extra_loggers, callbacks)
         rs.record_config(cfg)
-        hf_dir, stage = None, "fit"
-        try:
-            if rs.trained_to_the_end(trainer.state):
-                print(f"[train] the checkpoint is at max_duration={cfg.max_duration} already: finishing the export",
-                      flush=True)
-            else:
-                if cfg.eval_first:
-                    trainer.eval()
-                trainer.fit()
-            stage = "hf"
-            hf_dir = save_hf_result(trainer.state, cfg, tokenizer, hf_output_dir(cfg)) if cfg.save_hf else None
-        except Exception as err:
-            full = rs.no_space(cfg, err, stage)
-            if full is None:
-                raise
-            raise full from err
-        finally:
-            trainer.close()
+        hf_dir = _fit_and_export(cfg, trainer, tokenizer)
     if hf_dir is not None:
         print(f"[train] saved HF model to {hf_dir}", flush=True)
     if rank0:  # an object-store save_folder: metrics.jsonl and the HF directory go up beside the checkpoints
