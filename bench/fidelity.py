@@ -401,18 +401,16 @@ def _comparisons_md(results: list[dict]) -> list[str]:
         L.append(f"- arm g vs one-shot + continued, both distilling (h): after continued "
                  f"{by['h']['final_mean'] - by['g']['final_mean']:+.3f} nats in favour of g; after pruning alone "
                  f"{by['h']['pruned_mean'] - by['g']['pruned_mean']:+.3f}.")
-    if "b" in by and "e" in by:
-        L.append(f"- from scratch (e) minus learned masks (b): "
-                 f"{by['e']['final_mean'] - by['b']['final_mean']:+.3f} nats.")
-    if "c" in by and "d" in by:
-        L.append(f"- random (d) minus one-shot importance (c): "
-                 f"{by['d']['final_mean'] - by['c']['final_mean']:+.3f} nats.")
+    for x, y, text in (("e", "b", "from scratch (e) minus learned masks (b)"),
+                       ("d", "c", "random (d) minus one-shot importance (c)")):
+        if x in by and y in by:
+            L.append(f"- {text}: {by[x]['final_mean'] - by[y]['final_mean']:+.3f} nats.")
     if "b" in by and "f" in by:
         L.append(f"- largest per-domain excess over the reference: dynamic (b) {by['b']['final_max_excess']:.3f}, "
                  f"static (f) {by['f']['final_max_excess']:.3f}.")
     if "b" in by and "a" in by:
-        L.append(f"- paper's method (a) minus projected schedule + importance init (b): "
-                 f"{by['a']['final_mean'] - by['b']['final_mean']:+.3f} nats.")
+        text = "paper's method (a) minus projected schedule + importance init (b)"
+        L.append(f"- {text}: {by['a']['final_mean'] - by['b']['final_mean']:+.3f} nats.")
     for x, y, text in (("i", "b", "sampled gates (i) minus smooth gates (b)"),
                        ("j", "g", "with distillation, sampled gates (j) minus smooth gates (g)"),
                        ("h", "j", "one-shot + continued with distillation (h) minus arm j")):
@@ -447,32 +445,33 @@ def _pruning_md(r: dict) -> str:
             f"{r['prune_max_loss']:.3f}{means}{gap}; expected params {where}.")
 
 
+def _per_arm_md(results: list[dict], key: str, heading: str, line) -> list[str]:
+    """A heading and one line per arm that recorded `key` (nothing when none did)."""
+    rows = [r for r in results if r.get(key)]
+    return [heading, *(f"- arm {r['arm']}: {line(r[key])}" for r in rows)] if rows else []
+
+
+def _seed_line(seeds: dict) -> str:
+    v = sorted(seeds.items())
+    vals = [x for _, x in v]
+    return (", ".join(f"seed {k}: {x:.3f}" for k, x in v)
+            + f"; mean {sum(vals) / len(vals):.3f}, range {max(vals) - min(vals):.3f}")
+
+
 def _seeds_md(results: list[dict]) -> list[str]:
     """The continued stage's spread over data orders, for the arms run with extra seeds."""
-    seeded = [r for r in results if r.get("continue_seeds")]
-    if not seeded:
-        return []
-    L = ["\nSeed spread of the continued stage alone (same pruned model, same lr; the seed moves the "
-         "data order), mean eval loss after continued:\n"]
-    for r in seeded:
-        v = sorted(r["continue_seeds"].items())
-        vals = [x for _, x in v]
-        L.append(f"- arm {r['arm']}: " + ", ".join(f"seed {k}: {x:.3f}" for k, x in v)
-                 + f"; mean {sum(vals) / len(vals):.3f}, range {max(vals) - min(vals):.3f}")
-    return L
+    return _per_arm_md(results, "continue_seeds",
+                       "\nSeed spread of the continued stage alone (same pruned model, same lr; the seed moves the "
+                       "data order), mean eval loss after continued:\n", _seed_line)
 
 
 def _lr_sweep_md(results: list[dict]) -> list[str]:
     """Each swept arm's loss at every continued lr tried: where CONTINUE_LR comes from."""
-    swept = [r for r in results if r.get("lr_sweep")]
-    if not swept:
-        return []
-    L = ["\nContinued lr, mean eval loss after continued pretraining at each lr tried (same pruned model, "
-         "same tokens); the table uses each arm's `continue_lr`:\n"]
-    for r in swept:
-        L.append(f"- arm {r['arm']}: " + ", ".join(f"{float(lr):g}: {v:.3f}" for lr, v in
-                                                sorted(r["lr_sweep"].items(), key=lambda kv: float(kv[0]))))
-    return L
+    return _per_arm_md(results, "lr_sweep",
+                       "\nContinued lr, mean eval loss after continued pretraining at each lr tried (same pruned "
+                       "model, same tokens); the table uses each arm's `continue_lr`:\n",
+                       lambda sweep: ", ".join(f"{float(lr):g}: {v:.3f}" for lr, v in
+                                               sorted(sweep.items(), key=lambda kv: float(kv[0]))))
 
 
 def write_report(results: list[dict], refs: list[float], p: Preset, preset: str, out_dir: Path, total_s: float) -> Path:
