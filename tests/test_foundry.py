@@ -86,6 +86,18 @@ def test_prunes_from_yaml_alone_and_exports_the_sliced_target(inputs, uninterrup
     want = ModelShape.from_hf_config(tiny_model().config)
     assert got == type(want)(**{**want.as_dict(), **TARGET})
     assert not [k for k in sliced.state_dict() if "shearing" in k]
+    # with the project's model card and provenance, like every other HF directory it writes
+    import json
+
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(hf_dir / "README.md")
+    prov = json.loads((hf_dir / "provenance.json").read_text())
+    assert card.data.base_model == str(model_dir) and "pruned" in card.data.tags
+    assert {k: prov["target"][k] for k in got.as_dict()} == got.as_dict() and prov["target"]["params"] == got.num_params()
+    assert prov["source"]["shape"]["num_layers"] == want.num_layers
+    assert prov["stages"] == [{"stage": "pruning", "tokens": prov["stages"][0]["tokens"], "steps": 6}]
+    assert prov["stages"][0]["tokens"] > 0 and prov["settings"]["target"] == TARGET, prov
     # and it computes what the masked model of the final checkpoint computes
     masked = masked_model_from_checkpoint(out / "checkpoints" / "ep0-ba6-rank0.pt", str(model_dir))[0].eval()
     ids = torch.randint(0, 128, (2, SEQ), generator=torch.Generator().manual_seed(0))

@@ -138,6 +138,13 @@ class ShearingPruning(Algorithm):
             raise RuntimeError("ShearingPruning has not been applied yet (Event.INIT)")
         return self._masks
 
+    def card_settings(self) -> dict:
+        """The settings an exported model card states (plain values: it is written as YAML and JSON)."""
+        return {"target": self.target, "schedule": self.schedule, "mask_init": self.mask_init,
+                "lagrangian_warmup": str(self.lagrangian_warmup), "temperature": self.temperature,
+                "mask_lr": self.mask_lr, "lambda_lr": self.lambda_lr, "eval_shape": self.eval_shape,
+                "train_gates": self.train_gates, "calibration_batches": self.calibration_batches}
+
     def match(self, event: Event, state: State) -> bool:
         if event == Event.FIT_START:
             return self._pending_importance
@@ -158,7 +165,7 @@ class ShearingPruning(Algorithm):
                 if type(cb).__name__ == "HuggingFaceCheckpointer" and type(cb).__module__.startswith("llmfoundry"):
                     from composer_sheared.foundry.hf_export import export_sliced
 
-                    export_sliced(cb)
+                    export_sliced(cb, self.card_settings())
             logger.log_hyperparameters({
                 "shearing/source_params": self._masks.source.num_params(),
                 "shearing/target_params": self._masks.target.num_params(),

@@ -338,3 +338,21 @@ def finish_export_output(tmp: str | os.PathLike, name: str, checkpoint: str | os
     return finish_hf_dir(tmp, name, "Sheared-LLaMA targeted structured pruning (L0 masks to the target shape), "
                          "exported from a Composer checkpoint and sliced", source, settings, stage,
                          source_shape=masks.source)
+
+
+def finish_foundry_output(tmp: str | os.PathLike, name: str, state, settings: Mapping[str, Any]) -> dict:
+    """The card of a directory that llm-foundry's `hf_checkpointer` writes in a pruning run (see
+    composer_sheared.foundry.hf_export): `state` the run's Composer State (its still-masked model
+    names the source; its timestamp counts the tokens), `settings` the ShearingPruning settings."""
+    from composer_sheared.export.gather import composer_model_of
+    from composer_sheared.pruning import get_masks
+
+    hf = composer_model_of(state).model
+    hf = getattr(hf, "module", hf)
+    ts = state.timestamp
+    return finish_hf_dir(tmp, name, "Sheared-LLaMA targeted structured pruning (L0 masks to the target shape), "
+                         "sliced and saved by llm-foundry's hf_checkpointer",
+                         getattr(hf.config, "_name_or_path", None) or None, settings,
+                         {"stage": "pruning", "tokens": int(ts.token), "steps": int(ts.batch)},
+                         source_shape=get_masks(hf).source)
+
