@@ -3,9 +3,14 @@ up and comes back loadable; a complete directory is skipped; an interrupted down
 empty prefix, a missing bucket and an unreachable endpoint fail with the URI named, leaving nothing."""
 from __future__ import annotations
 
+import http.client
 import json
 import subprocess
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -104,3 +109,102 @@ def test_missing_prefix_bucket_and_endpoint_name_the_uri(s3, model_in_bucket, tm
     assert (tmp_path / "f" / "model.safetensors").is_file()
     assert main(["s3://models/llama/gone", str(tmp_path / "g")]) == 2
     assert capsys.readouterr().err.startswith("error: s3://models/llama/gone: no objects under this prefix")
+
+
+class StallingProxy:
+    """An S3 endpoint in front of moto that forwards every request, except that the objects whose
+    keys end with `stall` get their status and headers but never a byte of the body (a server
+    that wedges mid-download); `stall=""` stalls every request before it answers."""
+
+    def __init__(self, upstream: str, stall: str):
+        self.released = threading.Event()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _forward(self):
+                if not stall:
+                    proxy.released.wait(60)
+                    return
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                up = http.client.HTTPConnection(urlsplit(upstream).netloc, timeout=30)
+                up.request(self.command, self.path, body=body, headers=dict(self.headers))
+                resp = up.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "server", "date"):
+                        self.send_header(k, v)
+                self.end_headers()
+                if self.command == "GET" and urlsplit(self.path).path.endswith(stall):
+                    self.wfile.flush()
+                    proxy.released.wait(60)
+                    return
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                up.close()
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def stalling(s3, monkeypatch):  # noqa: F811
+    """Start a StallingProxy(stall) and point S3_ENDPOINT_URL at it."""
+    proxies = []
+
+    def start(stall):
+        proxies.append(StallingProxy(s3.endpoint, stall))
+        monkeypatch.setenv("S3_ENDPOINT_URL", proxies[-1].endpoint)
+        return proxies[-1]
+
+    yield start
+    for p in proxies:
+        p.close()
+
+
+BOUND = r"no complete answer in 2 attempt\(s\) of at most 1s per connect or read"
+
+
+@pytest.mark.timeout(30)  # the unbounded client waits 60 s per read, 5 reads per file: a hang, not a pass
+def test_server_stalling_mid_download_is_a_bounded_error_naming_the_object(stalling, model_in_bucket, tmp_path):
+    stalling("model.safetensors")
+    t0 = time.monotonic()
+    with pytest.raises(FetchError, match=rf"^s3://models/llama/tiny/model\.safetensors: download failed: {BOUND} "
+                                         r".*; rerun to resume"):
+        download_prefix("s3://models/llama/tiny", tmp_path / "tiny", timeout=1, attempts=2, progress=False)
+    took = time.monotonic() - t0
+    assert took < 10, took  # 2 reads of 1 s and the small files' requests; loose for a busy box
+    assert not (tmp_path / "tiny").exists()
+    partial = tmp_path / ".tiny.fetch-partial"
+    assert (partial / "config.json").is_file() and not (partial / "model.safetensors").exists()
+
+
+@pytest.mark.timeout(30)
+def test_stalled_server_and_cli_bounds(stalling, model_in_bucket, tmp_path, capsys):
+    stalling("")  # answers nothing: the listing is the first request to run out of attempts
+    t0 = time.monotonic()
+    assert main(["s3://models/llama/tiny", str(tmp_path / "tiny"), "--timeout", "1", "--attempts", "2",
+                 "--no-progress"]) == 2
+    assert time.monotonic() - t0 < 10
+    err = capsys.readouterr().err
+    assert err.startswith("error: s3://models/llama/tiny: cannot list the objects: "), err
+    assert "no complete answer in 2 attempt(s) of at most 1s per connect or read" in err and "rerun" in err, err
+    assert not (tmp_path / "tiny").exists()
+
+    with pytest.raises(SystemExit):
+        main(["s3://models/llama/tiny", str(tmp_path / "tiny"), "--attempts", "0"])
+    assert "--attempts: expected an integer >= 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="timeout: expected a positive number of seconds"):
+        download_prefix("s3://models/llama/tiny", tmp_path / "tiny", timeout=0)

@@ -7,6 +7,13 @@ s3:// at another S3-compatible server). The local directory appears only when it
 are downloaded into `.<name>.fetch-partial/` beside it, which is renamed at the end. A rerun skips a
 complete directory without listing the store again, and after an interruption keeps the files that
 the partial directory already holds in full, so a killed multi-GB download resumes.
+
+Every transfer is bounded, as the data downloads are (`composer_sheared.data.remote`, whose
+defaults apply): for s3:// each request gets at most `attempts` tries of at most `timeout` seconds
+per connect or read, and so does each part of a download whose body stops arriving (boto3's own
+retries are adaptive and unbounded in time: a stalled server would hang a launch for many minutes
+with no message). Running out is a FetchError naming the object and the bound. Other stores keep
+their SDK's defaults.
 """
 from __future__ import annotations
 
@@ -54,12 +61,65 @@ def store_schemes() -> list[str]:
     return sorted(BACKEND_TO_OBJECT_STORE_FACTORY)
 
 
-def _store(uri: str):
+class _Bounds:
+    """The bound on every request of one transfer, and how it reads in an error message."""
+
+    def __init__(self, timeout: Optional[float] = None, attempts: Optional[int] = None):
+        from composer_sheared.data.remote import DEFAULT_ATTEMPTS, DEFAULT_TIMEOUT
+
+        self.timeout = float(DEFAULT_TIMEOUT if timeout is None else timeout)
+        self.attempts = int(DEFAULT_ATTEMPTS if attempts is None else attempts)
+        if not self.timeout > 0:
+            raise ValueError(f"timeout: expected a positive number of seconds, got {timeout}")
+        if self.attempts < 1:
+            raise ValueError(f"attempts: expected an integer >= 1, got {attempts}")
+
+    def s3_store(self, bucket: str):
+        from composer.utils import S3ObjectStore
+
+        # standard mode: a fixed number of tries with a short backoff (adaptive mode also waits
+        # on a client-side rate limiter); total_max_attempts counts the first try, max_attempts
+        # would not. num_download_attempts: s3transfer's retries of a body read that timed out.
+        return S3ObjectStore(bucket=bucket, client_config={
+            "connect_timeout": self.timeout, "read_timeout": self.timeout,
+            "retries": {"mode": "standard", "total_max_attempts": self.attempts}},
+            transfer_config={"num_download_attempts": self.attempts})
+
+    def failed(self, store, what: str, err: BaseException) -> str:
+        """`<what>: <why>`, where a timeout or lost connection on a bounded store names the bound."""
+        cause = getattr(err, "last_exception", None) or err  # boto3's RetriesExceededError wraps it
+        detail = f"{type(cause).__name__}: {cause}"
+        if _bounded(store) and _is_transport_error(err):
+            return (f"{what}: no complete answer in {self.attempts} attempt(s) of at most {self.timeout:g}s per "
+                    f"connect or read ({detail})")
+        return f"{what} ({detail})"
+
+
+def _bounded(store) -> bool:
+    from composer.utils import S3ObjectStore
+
+    return isinstance(store, S3ObjectStore)
+
+
+def _is_transport_error(err: BaseException) -> bool:
+    """A connect or read that timed out or broke off, as botocore and s3transfer raise it."""
+    from boto3.exceptions import RetriesExceededError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError, IncompleteReadError
+    from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceededError
+
+    return isinstance(err, (BotoConnectionError, HTTPClientError, IncompleteReadError, RetriesExceededError,
+                            TransferRetriesExceededError, TimeoutError, ConnectionError))
+
+
+def _store(uri: str, bounds: Optional[_Bounds] = None):
     """(Composer ObjectStore, object-name prefix without slashes) for `uri`."""
     from composer.utils import maybe_create_object_store_from_uri, parse_uri
 
+    bounds = bounds or _Bounds()
     try:
-        store = maybe_create_object_store_from_uri(uri)
+        backend, bucket, _ = parse_uri(uri)
+        store = bounds.s3_store(bucket) if backend == "s3" else maybe_create_object_store_from_uri(uri)
     except NotImplementedError:
         raise FetchError(uri, "unsupported object store; expected " + ", ".join(f"{s}://" for s in store_schemes())
                          ) from None
@@ -77,20 +137,22 @@ def _object_size(store, name: str) -> int:
         return -1  # this store cannot tell; the file is taken as complete when present
 
 
-def list_names(uri: str) -> list[str]:
+def list_names(uri: str, timeout: Optional[float] = None, attempts: Optional[int] = None) -> list[str]:
     """The relative names of the objects under `uri` ([] for an empty prefix); FetchError when
     the store cannot be listed."""
-    store, prefix = _store(uri)
-    return sorted(_list(uri, store, prefix))
+    bounds = _Bounds(timeout, attempts)
+    store, prefix = _store(uri, bounds)
+    return sorted(_list(uri, store, prefix, bounds))
 
 
-def _list(uri: str, store, prefix: str) -> dict[str, str]:
+def _list(uri: str, store, prefix: str, bounds: _Bounds) -> dict[str, str]:
     """{relative path: object name} of every object under the prefix."""
     listed = f"{prefix}/" if prefix else ""  # the slash keeps models/a from matching models/a-chat
     try:
         names = store.list_objects(listed)
     except Exception as err:  # noqa: BLE001 - boto/oci/gcs raise their own types for a missing bucket
-        raise FetchError(uri, f"cannot list the objects ({type(err).__name__}: {err})") from None
+        raise FetchError(uri, bounds.failed(store, "cannot list the objects", err) + "; rerun to try again"
+                         ) from None
     out = {}
     for name in names:
         rel = name[len(listed):]
@@ -147,14 +209,18 @@ def _reuse_partial(partial: Path, uri: str, objects: dict) -> None:
             p.unlink()
 
 
-def download_prefix(uri: str, local_dir: str | os.PathLike, progress: bool = True) -> Path:
+def download_prefix(uri: str, local_dir: str | os.PathLike, progress: bool = True, timeout: Optional[float] = None,
+                    attempts: Optional[int] = None) -> Path:
     """Copy every object under `uri` to `local_dir` (its relative paths kept); returns `local_dir`.
 
     Skips when `local_dir` already holds a complete download of `uri`. Raises FetchError when the
-    prefix is empty or unreachable, or when `local_dir` exists but holds something else."""
-    from composer.utils import S3ObjectStore
+    prefix is empty or unreachable, when a request gets no answer in `attempts` tries of at most
+    `timeout` seconds per connect or read (s3://; defaults: composer_sheared.data.remote's), or
+    when `local_dir` exists but holds something else. The files complete before a failure stay
+    in the partial directory, for a rerun to keep."""
     from tqdm import tqdm
 
+    bounds = _Bounds(timeout, attempts)
     uri, local_dir = uri.rstrip("/"), Path(local_dir)
     if _complete(local_dir, uri):
         return local_dir
@@ -165,14 +231,17 @@ def download_prefix(uri: str, local_dir: str | os.PathLike, progress: bool = Tru
         if local_dir.exists():
             raise FetchError(str(local_dir), f"exists but is not a complete download of {uri}; remove it or "
                                              "choose another directory")
-        store, prefix = _store(uri)
-        objects = _list(uri, store, prefix)
+        store, prefix = _store(uri, bounds)
+        objects = _list(uri, store, prefix, bounds)
         if not objects:
             raise FetchError(uri, "no objects under this prefix (check the bucket and path)")
-        try:
-            sizes = {rel: _object_size(store, name) for rel, name in objects.items()}
-        except Exception as err:  # noqa: BLE001
-            raise FetchError(uri, f"cannot read the object sizes ({type(err).__name__}: {err})") from None
+        sizes = {}
+        for rel, name in objects.items():
+            try:
+                sizes[rel] = _object_size(store, name)
+            except Exception as err:  # noqa: BLE001
+                raise FetchError(f"{uri}/{rel}", bounds.failed(store, "cannot read the size", err) +
+                                 "; rerun to try again") from None
         _reuse_partial(partial, uri, objects)
         total = sum(s for s in sizes.values() if s > 0)
         done = 0
@@ -184,12 +253,12 @@ def download_prefix(uri: str, local_dir: str | os.PathLike, progress: bool = Tru
                     pass  # finished before an interruption: download_object renames only complete files
                 else:
                     # boto3 reports the bytes of each chunk; other stores are counted per file
-                    cb = (lambda n, _total: bar.update(n)) if isinstance(store, S3ObjectStore) else None
+                    cb = (lambda n, _total: bar.update(n)) if _bounded(store) else None
                     try:
                         store.download_object(objects[rel], dest, overwrite=True, callback=cb)
                     except Exception as err:  # noqa: BLE001
-                        raise FetchError(f"{uri}/{rel}", f"download failed ({type(err).__name__}: {err}); "
-                                                         "rerun to resume") from None
+                        raise FetchError(f"{uri}/{rel}", bounds.failed(store, "download failed", err) +
+                                         "; rerun to resume") from None
                 done += max(size, 0)
                 bar.n = done
                 bar.refresh()
@@ -198,18 +267,22 @@ def download_prefix(uri: str, local_dir: str | os.PathLike, progress: bool = Tru
     return local_dir
 
 
-def upload_file(local_file: str | os.PathLike, uri: str) -> str:
+def upload_file(local_file: str | os.PathLike, uri: str, timeout: Optional[float] = None,
+                attempts: Optional[int] = None) -> str:
     """Upload one file to the object name `uri`; returns `uri`."""
-    store, name = _store(uri)
+    bounds = _Bounds(timeout, attempts)
+    store, name = _store(uri, bounds)
     try:
         store.upload_object(name, str(local_file))
     except Exception as err:  # noqa: BLE001
-        raise FetchError(uri, f"upload of {local_file} failed ({type(err).__name__}: {err})") from None
+        raise FetchError(uri, bounds.failed(store, f"upload of {local_file} failed", err)) from None
     return uri
 
 
-def upload_directory(local_dir: str | os.PathLike, uri: str, progress: bool = True) -> str:
-    """Upload every file under `local_dir` to `<uri>/<relative path>`; returns `uri`.
+def upload_directory(local_dir: str | os.PathLike, uri: str, progress: bool = True, timeout: Optional[float] = None,
+                     attempts: Optional[int] = None) -> str:
+    """Upload every file under `local_dir` to `<uri>/<relative path>`; returns `uri`. Each request is
+    bounded as in download_prefix.
 
     config.json goes last: a prefix that has it also has the weights (object stores have no
     atomic rename, and readers of a HF directory look for config.json first)."""
@@ -220,7 +293,8 @@ def upload_directory(local_dir: str | os.PathLike, uri: str, progress: bool = Tr
                    key=lambda p: (p.name == "config.json", str(p)))
     if not files:
         raise FetchError(str(local_dir), "no files to upload")
-    store, prefix = _store(uri)
+    bounds = _Bounds(timeout, attempts)
+    store, prefix = _store(uri, bounds)
     with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc=f"upload {uri}",
               disable=not progress) as bar:
         for p in files:
@@ -228,21 +302,42 @@ def upload_directory(local_dir: str | os.PathLike, uri: str, progress: bool = Tr
             try:
                 store.upload_object(f"{prefix}/{rel}" if prefix else rel, str(p))
             except Exception as err:  # noqa: BLE001
-                raise FetchError(f"{uri}/{rel}", f"upload failed ({type(err).__name__}: {err})") from None
+                raise FetchError(f"{uri}/{rel}", bounds.failed(store, "upload failed", err)) from None
             bar.update(p.stat().st_size)
     return uri
 
 
+def _positive(kind, expected: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid ... value" fallback
+    return parse
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    from composer_sheared.data.remote import DEFAULT_ATTEMPTS, DEFAULT_TIMEOUT
+
     ap = argparse.ArgumentParser(prog="composer-sheared fetch",
                                  description="Copy an object-store prefix (s3://, gs://, oci://, azure://) to a "
                                              "local directory; a complete directory is left as it is.")
     ap.add_argument("uri", help="e.g. s3://bucket/models/Llama-2-7b-hf")
     ap.add_argument("local_dir", help="created when the download is complete")
+    ap.add_argument("--timeout", type=_positive(float, "a positive number of seconds"), default=DEFAULT_TIMEOUT,
+                    metavar="SECONDS", help="per connect or read of one try (s3://; default %(default)g)")
+    ap.add_argument("--attempts", type=_positive(int, "an integer >= 1"), default=DEFAULT_ATTEMPTS, metavar="N",
+                    help="tries of each request before the fetch fails (s3://; default %(default)d)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     try:
-        out = download_prefix(args.uri, args.local_dir, progress=not args.no_progress)
+        out = download_prefix(args.uri, args.local_dir, progress=not args.no_progress, timeout=args.timeout,
+                              attempts=args.attempts)
     except FetchError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
