@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from composer_sheared.defaults import LAGRANGIAN_WARMUP
+from composer_sheared.defaults import DOWNLOAD_RETRY, DOWNLOAD_TIMEOUT, LAGRANGIAN_WARMUP
 
 __all__ = ["TrainConfig", "ConfigError", "Resolved", "load_config", "validate", "check_data", "source_hf_config",
            "hf_output_dir", "metrics_path", "plain", "resume_folder", "EMBEDDED", "LAGRANGIAN_WARMUP"]
@@ -57,6 +57,9 @@ class DataConfig:
     shuffle: bool = True
     num_workers: int = 0
     eval_subset_num_batches: int = -1  # -1 = the whole eval split
+    # with `remote`: each download try's bound per connect or read (s), and the re-tries after it
+    download_timeout: float = DOWNLOAD_TIMEOUT
+    download_retry: int = DOWNLOAD_RETRY
 
 
 @dataclass
@@ -337,6 +340,10 @@ def _check_data_config(errors: list, cfg: TrainConfig) -> None:
         validate_proportions(list(d.proportions), len(d.domains), what="proportions")
     except ValueError as err:
         errors.append(("data.proportions", str(err)))
+    if not d.download_timeout > 0:
+        errors.append(("data.download_timeout", f"{d.download_timeout}: expected a positive number of seconds"))
+    if d.download_retry < 0:
+        errors.append(("data.download_retry", f"{d.download_retry}: expected 0 or more re-tries"))
 
 
 def _time(value):

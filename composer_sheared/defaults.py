@@ -48,3 +48,9 @@ RULES = ("paper", "doremi", "constant")
 RULE = "doremi"  # the reference code's rule
 ETA = 1.0  # step size of the exponentiated update
 SMOOTHING = 1e-4  # c: mixing with the uniform distribution
+
+# Remote data downloads (data.remote): each try may take this long per connect or read, and a
+# failed try is repeated DOWNLOAD_RETRY times (Streaming's meaning of download_retry).
+DOWNLOAD_TIMEOUT = 60.0
+DOWNLOAD_RETRY = 2
+

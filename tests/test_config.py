@@ -55,6 +55,8 @@ def test_valid_config_resolves_the_target(mds, tmp_path):
     (["model.config.shape=nope"], "model.config.shape", "unknown shape"),
     (["pruning.train_gates=noisy"], "pruning.train_gates", "'sampled' or 'smooth'"),
     (["pruning.schedule=lagrangian", "pruning.train_gates=smooth"], "pruning.train_gates", "needs pruning.schedule"),
+    (["data.download_timeout=0"], "data.download_timeout", "positive number of seconds"),
+    (["data.download_retry=-1"], "data.download_retry", "0 or more"),
 ])
 def test_bad_config_names_key(mds, tmp_path, overrides, key, needle):
     with pytest.raises(ConfigError) as err:
@@ -119,3 +121,30 @@ def test_no_hf_directory_from_a_non_finite_model(tmp_path):
     with torch.no_grad():
         hf.model.layers[1].mlp.up_proj.weight[0, 0] = 0.0
     assert save_hf_result(state, cfg, None, tmp_path / "hf") == tmp_path / "hf"
+
+
+def test_download_bounds_reach_the_train_and_eval_readers(mds, tmp_path, monkeypatch):
+    """data.download_timeout / data.download_retry are what every remote download of the run is
+    bounded by (the first download of each reader is its index.json)."""
+    import composer_sheared.data.eval_sets as eval_sets
+    import composer_sheared.data.reader as reader
+    from composer_sheared.run.builders import build_dataloaders
+
+    cfg, _ = _load(prune_yaml(mds, tmp_path / "o"), tmp_path, "data.download_timeout=7", "data.download_retry=4")
+    cfg.data.local, cfg.data.remote = str(tmp_path / "cache"), "s3://bucket/data"  # nothing local yet
+    calls = []
+
+    def fetch(url, local, timeout, attempts):
+        calls.append((url.rsplit("/", 3)[-3:], timeout, attempts))
+        raise FileNotFoundError(f"{url}: stop here")
+
+    monkeypatch.setattr(reader, "fetch", fetch)
+    monkeypatch.setattr(eval_sets, "fetch", fetch)
+    with pytest.raises(FileNotFoundError, match="stop here"):
+        build_dataloaders(cfg, 2)
+    cfg.data.domains = cfg.data.domains[:1]
+    monkeypatch.setattr("composer_sheared.data.DynamicStreamingDataset", lambda *a, **k: [])
+    with pytest.raises(FileNotFoundError, match="stop here"):
+        build_dataloaders(cfg, 2)
+    assert [c[0][0] for c in calls] == ["train", "eval"]
+    assert all(c[1:] == (7.0, 5) for c in calls), calls

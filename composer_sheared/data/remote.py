@@ -22,10 +22,12 @@ from typing import Optional
 
 from filelock import FileLock, Timeout
 
+from composer_sheared.defaults import DOWNLOAD_RETRY, DOWNLOAD_TIMEOUT
+
 __all__ = ["DEFAULT_TIMEOUT", "DEFAULT_ATTEMPTS", "RemoteDataError", "fetch", "remote_join"]
 
-DEFAULT_TIMEOUT = 60.0  # seconds per connect or read of one attempt
-DEFAULT_ATTEMPTS = 3
+DEFAULT_TIMEOUT = DOWNLOAD_TIMEOUT  # seconds per connect or read of one attempt
+DEFAULT_ATTEMPTS = DOWNLOAD_RETRY + 1
 BACKOFF = 0.5  # seconds before the second attempt, doubled after each failure
 
 _S3_MISSING = {"404", "NoSuchKey", "NotFound"}

@@ -112,16 +112,17 @@ def build_dataloaders(cfg: TrainConfig, device_batch: int):
     from composer_sheared.data import DynamicStreamingDataset, domain_eval_dataset
 
     d = cfg.data
+    bounds = {"download_timeout": float(d.download_timeout), "download_retry": int(d.download_retry)}
     ds = DynamicStreamingDataset(local=d.local, domains=list(d.domains), proportions=list(d.proportions),
                                  batch_size=device_batch, split=d.train_split, remote=d.remote, shuffle=d.shuffle,
-                                 seed=cfg.seed)
+                                 seed=cfg.seed, reader_kwargs=bounds)
     train = DataLoader(ds, batch_size=device_batch, num_workers=d.num_workers,
                        persistent_workers=d.num_workers > 0, drop_last=True)
     evaluators = []
     for dom in d.domains:
         # a Streaming dataset partitions itself over ranks: no sampler
         eds = domain_eval_dataset(d.local, dom, split=d.eval_split, remote=d.remote,
-                                  batch_size=cfg.device_eval_batch_size)
+                                  batch_size=cfg.device_eval_batch_size, **bounds)
         dl = DataLoader(eds, batch_size=cfg.device_eval_batch_size, num_workers=0)
         evaluators.append(Evaluator(label=dom, dataloader=dl, metric_names=["LanguageCrossEntropy"],
                                     subset_num_batches=d.eval_subset_num_batches))

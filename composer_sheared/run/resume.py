@@ -23,6 +23,7 @@ MAY_CHANGE = (
     "save_overwrite", "autoresume", "load_path", "save_hf", "hf_save_dir", "model.hf_save_dtype",
     "model.init_device", "model.activation_checkpointing", "loggers", "progress_bar", "speed_monitor_window",
     "dist_timeout", "python_log_level", "dry_run", "plan", "data.num_workers", "data.eval_subset_num_batches",
+    "data.download_timeout", "data.download_retry",
     "device_eval_batch_size", "device_train_microbatch_size",
 )
 
