@@ -145,6 +145,23 @@ def test_installed_wheel_works_outside_the_checkout(built):
 
 
 @pytest.mark.slow
-def test_installed_wheel_trains_without_a_checkout(built):
-    _, _, site, work, env = built
+def test_installed_wheel_trains_and_exports_outside_the_checkout(built, mds, tmp_path):
+    """`composer-sheared train` of the installed wheel prunes, slices and writes the card, from a
+    directory that is not a checkout; everything it writes is under that directory."""
+    from omegaconf import OmegaConf
+    from transformers import AutoConfig
+
+    from composer_sheared.shapes import ModelShape
+    from tests.conftest import TARGET, prune_yaml
+
+    _, _, site, _, env = built
+    work = tmp_path / "work"
+    work.mkdir()
     assert "dry_run=true" in _run([site / "bin" / "composer-sheared", "train", "--help"], work, env)
+    OmegaConf.save(OmegaConf.create(prune_yaml(mds, Path("runs") / "tiny")), work / "prune.yaml")
+    _run([site / "bin" / "composer-sheared", "train", "prune.yaml"], work, {**env, "OMP_NUM_THREADS": "1"})
+    hf = work / "runs" / "tiny" / "pruned_hf"
+    got = ModelShape.from_hf_config(AutoConfig.from_pretrained(hf)).as_dict()
+    assert {k: got[k] for k in TARGET} == TARGET
+    assert (hf / "README.md").is_file() and (hf / "provenance.json").is_file()
+    assert sorted(p.name for p in work.iterdir()) == ["prune.yaml", "runs"]
