@@ -127,81 +127,94 @@ def _shard_problems(info: IndexInfo, hashes: bool) -> list[str]:
     return out
 
 
-def check_data_root(local: str, domains: Sequence[str], splits: Sequence[str] = ("train", "eval"), *,
-                    remote: Optional[str] = None, vocab_size: Optional[int] = None,
-                    seq_len: Optional[int] = None, hashes: bool = True, timeout: float = DEFAULT_TIMEOUT,
-                    attempts: int = DEFAULT_ATTEMPTS) -> dict:
-    """Every check the index files allow, over ``<local>/<split>/<domain>/``; returns stats.json's dict.
+class _Root:
+    """Where a data root's index files are: read in place, or fetched from `remote` into `local` first."""
 
-    With ``remote``, each ``index.json`` and ``stats.json`` is first fetched into ``local`` (the
-    cache the readers use; bounded, see ``remote.fetch``). ``vocab_size``: the model's;
-    ``seq_len``: the run's ``max_seq_len``. ``hashes``: hash-check local shards too (the result
-    is cached per process, so a dataset opened next does not read them again). Raises
-    DataCheckError listing every problem as ``(config key, message)``.
-    """
-    problems: list[tuple[str, str]] = []
-    root_key = "data.remote" if remote else "data.local"
-    where = (lambda *p: remote_join(remote, *p)) if remote else (lambda *p: os.path.join(local, *p))
-    if not remote and not os.path.isdir(local):
-        raise DataCheckError([("data.local", f"data directory {local} does not exist "
-                                             f"(run data_prep/tokenize_domains.py, or fix data.local)")])
+    def __init__(self, local: str, remote: Optional[str], timeout: float, attempts: int):
+        self.local, self.remote, self.timeout, self.attempts = local, remote, timeout, attempts
+        self.key = "data.remote" if remote else "data.local"
 
-    stats_path = os.path.join(local, "stats.json")
-    stats: Optional[dict] = None
+    def where(self, *parts: str) -> str:
+        return remote_join(self.remote, *parts) if self.remote else os.path.join(self.local, *parts)
+
+    def fetch(self, *parts: str) -> str:
+        """The local path of `parts`, fetched from the remote first when there is one."""
+        path = os.path.join(self.local, *parts)
+        if self.remote:
+            fetch(self.where(*parts), path, self.timeout, self.attempts)
+        return path
+
+
+def _root_stats(root: _Root, problems: list) -> Optional[dict]:
+    """stats.json of the root (None when it has none or it is unreadable, the latter a problem)."""
     try:
-        if remote:
-            try:
-                fetch(where("stats.json"), stats_path, timeout, attempts)
-            except FileNotFoundError:
-                pass  # as for local data: nothing to check it against
-        stats = read_stats(stats_path)
+        try:
+            path = root.fetch("stats.json")
+        except FileNotFoundError:  # on the remote: as for local data, nothing to check it against
+            path = os.path.join(root.local, "stats.json")
+        return read_stats(path)
     except (ValueError, OSError) as err:
-        problems.append((root_key, str(err)))
-    by_len: dict[int, list[str]] = {}  # sequence length -> index files
-    known = sorted(stats["domains"]) if stats and isinstance(stats.get("domains"), dict) else None
+        problems.append((root.key, str(err)))
+        return None
 
-    for split in splits:
-        if not remote and not os.path.isdir(os.path.join(local, split)):
-            problems.append(("data.local", f"{os.path.join(local, split)} does not exist "
-                                           f"(expected <local>/{split}/<domain>/)"))
+
+def _domain_index(root: _Root, split: str, dom: str, key: str, has: str, problems: list) -> Optional[str]:
+    """The local path of `<split>/<dom>/index.json`, or None with the reason in `problems`."""
+    index_path = os.path.join(root.local, split, dom, "index.json")
+    if root.remote:
+        try:
+            return root.fetch(split, dom, "index.json")
+        except FileNotFoundError:
+            problems.append((key, f"{dom!r} has no split {split!r}: {root.where(split, dom, 'index.json')} "
+                                  f"is not on the remote{has}"))
+        except OSError as err:
+            problems.append((root.key, str(err)))
+        return None
+    if not os.path.isdir(os.path.join(root.local, split, dom)):
+        problems.append((key, f"{dom!r} has no directory {os.path.join(root.local, split, dom)}{has}"))
+    elif not os.path.isfile(index_path):
+        problems.append((key, f"{dom!r} has no split {split!r}: {index_path} does not exist "
+                              f"(run data_prep/tokenize_domains.py)"))
+    else:
+        return index_path
+    return None
+
+
+def _split_problems(root: _Root, split: str, domains: Sequence[str], known: Optional[list], hashes: bool,
+                    by_len: dict, problems: list) -> None:
+    """Each domain's index of one split: present, readable, non-empty, its shards as it says; the
+    sequence length of each index is collected in `by_len`."""
+    if not root.remote:
+        split_dir = os.path.join(root.local, split)
+        if not os.path.isdir(split_dir):
+            problems.append(("data.local", f"{split_dir} does not exist (expected <local>/{split}/<domain>/)"))
+            return
+        known = sorted(p for p in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, p)))
+    has = f"; the data has domains {known}" if known is not None else ""
+    for i, dom in enumerate(domains):
+        key = f"data.domains[{i}]"
+        index_path = _domain_index(root, split, dom, key, has, problems)
+        if index_path is None:
             continue
-        if not remote:
-            known = sorted(p for p in os.listdir(os.path.join(local, split))
-                           if os.path.isdir(os.path.join(local, split, p)))
-        for i, dom in enumerate(domains):
-            key, index_path = f"data.domains[{i}]", os.path.join(local, split, dom, "index.json")
-            has = f"; the data has domains {known}" if known is not None else ""
-            if remote:
-                try:
-                    fetch(where(split, dom, "index.json"), index_path, timeout, attempts)
-                except FileNotFoundError:
-                    problems.append((key, f"{dom!r} has no split {split!r}: {where(split, dom, 'index.json')} "
-                                          f"is not on the remote{has}"))
-                    continue
-                except OSError as err:
-                    problems.append((root_key, str(err)))
-                    continue
-            elif not os.path.isdir(os.path.join(local, split, dom)):
-                problems.append((key, f"{dom!r} has no directory {os.path.join(local, split, dom)}{has}"))
-                continue
-            elif not os.path.isfile(index_path):
-                problems.append((key, f"{dom!r} has no split {split!r}: {index_path} does not exist "
-                                      f"(run data_prep/tokenize_domains.py)"))
-                continue
-            try:
-                info = read_index(index_path)
-            except ValueError as err:
-                problems.append((root_key, str(err)))
-                continue
-            if info.samples == 0:
-                problems.append((key, f"{index_path}: domain {dom!r} split {split!r} has no samples"))
-            if info.seq_len is not None:
-                by_len.setdefault(info.seq_len, []).append(index_path)
-            problems += [(root_key, p) for p in _shard_problems(info, hashes and not remote)]
+        try:
+            info = read_index(index_path)
+        except ValueError as err:
+            problems.append((root.key, str(err)))
+            continue
+        if info.samples == 0:
+            problems.append((key, f"{index_path}: domain {dom!r} split {split!r} has no samples"))
+        if info.seq_len is not None:
+            by_len.setdefault(info.seq_len, []).append(index_path)
+        problems += [(root.key, p) for p in _shard_problems(info, hashes and not root.remote)]
 
+
+def _shape_problems(root: _Root, stats: Optional[dict], by_len: dict, vocab_size: Optional[int],
+                    seq_len: Optional[int], problems: list) -> None:
+    """The vocabulary and the sequence lengths against the model's and the run's."""
+    stats_path = os.path.join(root.local, "stats.json")
     vocab, seq = (stats or {}).get("vocab_size"), (stats or {}).get("seq_len")
     if vocab is not None and vocab_size is not None and vocab > int(vocab_size):
-        problems.append((root_key, f"{stats_path} says the data was tokenized with a {vocab}-token "
+        problems.append((root.key, f"{stats_path} says the data was tokenized with a {vocab}-token "
                                    f"vocabulary, but the model has {vocab_size} embeddings"))
     if seq is not None and seq_len is not None and seq != int(seq_len):
         problems.append(("max_seq_len", f"{seq_len}, but {stats_path} says the samples have {seq} tokens"))
@@ -216,8 +229,32 @@ def check_data_root(local: str, domains: Sequence[str], splits: Sequence[str] = 
         if seq_len is not None:
             problems.append(("max_seq_len", f"{seq_len}, but {paths[0]}{more} holds samples of {n} tokens"))
         else:
-            problems.append((root_key, f"{paths[0]}{more} holds samples of {n} tokens, the other domains "
+            problems.append((root.key, f"{paths[0]}{more} holds samples of {n} tokens, the other domains "
                                        f"{ref}: every domain and split needs one sequence length"))
+
+
+def check_data_root(local: str, domains: Sequence[str], splits: Sequence[str] = ("train", "eval"), *,
+                    remote: Optional[str] = None, vocab_size: Optional[int] = None,
+                    seq_len: Optional[int] = None, hashes: bool = True, timeout: float = DEFAULT_TIMEOUT,
+                    attempts: int = DEFAULT_ATTEMPTS) -> dict:
+    """Every check the index files allow, over ``<local>/<split>/<domain>/``; returns stats.json's dict.
+
+    With ``remote``, each ``index.json`` and ``stats.json`` is first fetched into ``local`` (the
+    cache the readers use; bounded, see ``remote.fetch``). ``vocab_size``: the model's;
+    ``seq_len``: the run's ``max_seq_len``. ``hashes``: hash-check local shards too (the result
+    is cached per process, so a dataset opened next does not read them again). Raises
+    DataCheckError listing every problem as ``(config key, message)``.
+    """
+    if not remote and not os.path.isdir(local):
+        raise DataCheckError([("data.local", f"data directory {local} does not exist "
+                                             f"(run data_prep/tokenize_domains.py, or fix data.local)")])
+    root, problems = _Root(local, remote, timeout, attempts), []
+    stats = _root_stats(root, problems)
+    known = sorted(stats["domains"]) if stats and isinstance(stats.get("domains"), dict) else None
+    by_len: dict[int, list[str]] = {}  # sequence length -> index files
+    for split in splits:
+        _split_problems(root, split, domains, known, hashes, by_len, problems)
+    _shape_problems(root, stats, by_len, vocab_size, seq_len, problems)
     if problems:
         raise DataCheckError(list(dict.fromkeys(problems)))  # one line per problem, in order
     return stats or {}
