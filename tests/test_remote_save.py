@@ -1,6 +1,8 @@
 """train.py with an object-store save_folder (moto S3 server): checkpoints, metrics.jsonl and the
 sliced HF directory land in the bucket; a second run in a fresh working directory autoresumes from
-the bucket and its metrics file continues the first run's. Config errors of a URI save_folder."""
+the bucket and its metrics file continues the first run's. Config errors of a URI save_folder. A
+save_overwrite run deletes the earlier run's objects from the bucket, and the uploaded HF directory
+holds exactly the new run's files."""
 from __future__ import annotations
 
 import json
@@ -14,7 +16,7 @@ from omegaconf import OmegaConf
 
 from composer_sheared.config import ConfigError, load_config
 from composer_sheared.storage.fetch import download_prefix
-from composer_sheared.run.remote_save import check_fresh
+from composer_sheared.run.remote_save import check_fresh, clear_previous_remote_run, upload_outputs
 from composer_sheared.demo.plots import read_jsonl, series
 from tests.conftest import REPO, TARGET, prune_yaml, subprocess_env
 from tests.s3 import s3  # noqa: F401  (fixture)
@@ -103,3 +105,113 @@ def test_uri_save_folder_stages_outputs_locally(tmp_path, mds):
                                                        Path("runs/tiny-prune/pruned_hf"))
     cfg, _ = load_config(str(y), [f"local_save_folder={tmp_path / 's'}"])
     assert hf_output_dir(cfg) == tmp_path / "s" / "pruned_hf"
+
+
+# an earlier run in s3://ckpt/runs/tiny-prune: a later checkpoint than the new run reaches, the
+# `latest` link to it, its metrics and a sharded HF directory (the new run writes one file)
+OLD_RUN = ["ep0-ba500-rank0.pt", "latest-rank0.pt.symlink", "metrics.jsonl", "pruned_hf/config.json",
+           "pruned_hf/model-00001-of-00002.safetensors", "pruned_hf/model.safetensors.index.json"]
+# a user's file in the folder, a folder whose name extends the HF one, and another run's folder
+NOT_OURS = ["runs/tiny-prune/notes.txt", "runs/tiny-prune/pruned_hf-old/config.json",
+            "runs/tiny-prune-2/ep0-ba1-rank0.pt"]
+
+
+def _bucket_with_earlier_run(s3):  # noqa: F811
+    s3.client.create_bucket(Bucket="ckpt")
+    for key in [*(f"runs/tiny-prune/{n}" for n in OLD_RUN), *NOT_OURS]:
+        s3.client.put_object(Bucket="ckpt", Key=key, Body=b"old")
+
+
+def _remote_cfg(tmp_path, mds, *overrides, folder="s3://ckpt/runs/{run_name}"):
+    y = tmp_path / "remote.yaml"
+    OmegaConf.save(OmegaConf.create(prune_yaml(mds, folder, steps=2)), y)
+    return load_config(str(y), [f"local_save_folder={tmp_path / 'stage'}", *overrides])[0]
+
+
+def _new_hf_dir(cfg):
+    from composer_sheared.config import hf_output_dir
+
+    hf = hf_output_dir(cfg)
+    hf.mkdir(parents=True)
+    (hf / "config.json").write_text('{"new": true}')
+    (hf / "model.safetensors").write_bytes(b"new weights")
+    return hf
+
+
+def test_fresh_save_overwrite_run_deletes_the_earlier_run_from_the_bucket(s3, mds, tmp_path, caplog):  # noqa: F811
+    from composer_sheared.run.recipe import _start_ranks
+
+    _bucket_with_earlier_run(s3)
+    before = s3.keys("ckpt")
+    # resuming with save_overwrite: the earlier objects are the run's own, nothing is deleted
+    assert clear_previous_remote_run(_remote_cfg(tmp_path, mds, "save_overwrite=true", "autoresume=true")) == []
+    assert s3.keys("ckpt") == before
+
+    cfg = _remote_cfg(tmp_path, mds, "save_overwrite=true")
+    with caplog.at_level("WARNING", logger="train"):
+        assert _start_ranks(cfg, has_gpu=False) == cfg.global_train_batch_size  # where train.py clears
+    assert s3.keys("ckpt") == sorted(NOT_OURS)
+    assert f"deleted {len(OLD_RUN)} object(s) of the earlier run from s3://ckpt/runs/tiny-prune" in caplog.text
+
+    upload_outputs(cfg, _new_hf_dir(cfg))
+    assert s3.keys("ckpt", "runs/tiny-prune/pruned_hf/") == ["runs/tiny-prune/pruned_hf/config.json",
+                                                             "runs/tiny-prune/pruned_hf/model.safetensors"]
+
+
+def test_upload_outputs_deletes_hf_files_the_upload_does_not_write(s3, mds, tmp_path, monkeypatch):  # noqa: F811
+    from composer.utils import S3ObjectStore
+
+    _bucket_with_earlier_run(s3)
+    # autoresume: the earlier objects are not cleared at the start, so the upload must replace the prefix
+    cfg = _remote_cfg(tmp_path, mds, "save_overwrite=true", "autoresume=true")
+    seen, upload = {}, S3ObjectStore.upload_object
+
+    def recording(store, name, filename, **kw):
+        if name.endswith("/config.json"):  # what a reader finds once the new config.json is there
+            seen[name] = s3.keys("ckpt", name.rsplit("/", 1)[0] + "/")
+        return upload(store, name, filename, **kw)
+
+    monkeypatch.setattr(S3ObjectStore, "upload_object", recording)
+    upload_outputs(cfg, _new_hf_dir(cfg))
+    hf = "runs/tiny-prune/pruned_hf"
+    assert s3.keys("ckpt", f"{hf}/") == [f"{hf}/config.json", f"{hf}/model.safetensors"]
+    assert s3.client.get_object(Bucket="ckpt", Key=f"{hf}/config.json")["Body"].read() == b'{"new": true}'
+    assert seen == {f"{hf}/config.json": [f"{hf}/config.json", f"{hf}/model.safetensors"]}  # the stale shards gone
+    assert set(NOT_OURS) | {f"runs/tiny-prune/{n}" for n in OLD_RUN if "/" not in n} <= set(s3.keys("ckpt"))
+
+
+def test_store_without_delete_refuses_to_mix_runs(mds, tmp_path, monkeypatch):
+    from composer_sheared.run import remote_save
+    from composer_sheared.storage import fetch
+
+    with pytest.raises(fetch.FetchError, match=r"^gs://b/x: cannot delete objects from a gs:// store"):
+        fetch.delete_names("gs://b/x", ["a"])
+    cfg = _remote_cfg(tmp_path, mds, "save_overwrite=true", folder="gs://ckpt/runs/{run_name}")
+    listed = ["notes.txt"]
+    monkeypatch.setattr(remote_save, "list_names", lambda uri: list(listed))
+    assert clear_previous_remote_run(cfg) == []  # nothing of an earlier run: nothing to delete
+    check_fresh(cfg)
+    listed += OLD_RUN
+    expected = (r"^save_folder: gs://ckpt/runs/tiny-prune holds an earlier run \(6 object\(s\), e.g. "
+                r"ep0-ba500-rank0.pt\) that save_overwrite=true must delete, and a gs:// store cannot delete "
+                r"objects; empty the folder")
+    with pytest.raises(ConfigError, match=expected):
+        check_fresh(cfg)  # every rank, before anything is built
+    with pytest.raises(ConfigError, match=expected):
+        clear_previous_remote_run(cfg)
+
+    # an upload that would leave an earlier upload's files beside its own uploads nothing
+    class Store:
+        uploaded = []
+
+        def list_objects(self, prefix):
+            return [f"{prefix}model-00001-of-00002.safetensors", f"{prefix}config.json"]
+
+        def upload_object(self, name, filename, **kw):
+            self.uploaded.append(name)
+
+    monkeypatch.setattr(fetch, "_store", lambda uri, bounds=None: (Store(), "runs/tiny-prune/pruned_hf"))
+    with pytest.raises(fetch.FetchError, match=r"^gs://ckpt/runs/tiny-prune/pruned_hf: holds 1 object\(s\) this "
+                                               r"upload would not replace \(e.g. model-00001-of-00002.safetensors\)"):
+        upload_outputs(cfg, _new_hf_dir(cfg))
+    assert Store.uploaded == []

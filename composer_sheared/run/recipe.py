@@ -110,6 +110,12 @@ def _start_ranks(cfg: TrainConfig, has_gpu: bool) -> int:
     if rank == 0:
         for p in builders.clear_previous_run(cfg, metrics_path(cfg), hf_output_dir(cfg)):
             log.warning("save_overwrite=true: removed %s of the earlier run", p)
+        from composer_sheared.run.remote_save import clear_previous_remote_run, remote_folder
+
+        deleted = clear_previous_remote_run(cfg)
+        if deleted:
+            log.warning("save_overwrite=true: deleted %d object(s) of the earlier run from %s", len(deleted),
+                        remote_folder(cfg))
     dist.barrier()
     return cfg.global_train_batch_size // world
 

@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator, Optional
 
 __all__ = ["FetchError", "download_prefix", "list_names", "upload_directory", "upload_file", "is_uri", "uri_scheme",
-           "store_schemes", "MANIFEST"]
+           "store_schemes", "can_delete", "delete_names", "MANIFEST"]
 
 # Written last into a downloaded directory: which URI it holds and each file's size.
 MANIFEST = ".fetch-manifest.json"
@@ -143,6 +143,32 @@ def list_names(uri: str, timeout: Optional[float] = None, attempts: Optional[int
     bounds = _Bounds(timeout, attempts)
     store, prefix = _store(uri, bounds)
     return sorted(_list(uri, store, prefix, bounds))
+
+
+def can_delete(uri: str) -> bool:
+    """Whether delete_names can remove objects under `uri`: Composer's ObjectStore has no delete,
+    so only s3:// can, through the boto3 client of its S3ObjectStore."""
+    return uri_scheme(uri) == "s3"
+
+
+def delete_names(uri: str, names, timeout: Optional[float] = None, attempts: Optional[int] = None) -> list[str]:
+    """Delete the objects `<uri>/<name>` for the relative `names` (as list_names gives them), each
+    request bounded as in download_prefix; returns their URIs. FetchError for a store other than
+    s3:// (see can_delete) or a failed delete."""
+    uri = uri.rstrip("/")
+    if not can_delete(uri):
+        raise FetchError(uri, f"cannot delete objects from a {uri_scheme(uri)}:// store (only from s3://)")
+    bounds = _Bounds(timeout, attempts)
+    store, prefix = _store(uri, bounds)
+    deleted = []
+    for rel in names:
+        try:
+            store.client.delete_object(Bucket=store.bucket, Key=store.get_key(f"{prefix}/{rel}" if prefix else rel))
+        except Exception as err:  # noqa: BLE001
+            raise FetchError(f"{uri}/{rel}", bounds.failed(store, "delete failed", err) + "; rerun to try again"
+                             ) from None
+        deleted.append(f"{uri}/{rel}")
+    return deleted
 
 
 def _list(uri: str, store, prefix: str, bounds: _Bounds) -> dict[str, str]:
@@ -280,12 +306,15 @@ def upload_file(local_file: str | os.PathLike, uri: str, timeout: Optional[float
 
 
 def upload_directory(local_dir: str | os.PathLike, uri: str, progress: bool = True, timeout: Optional[float] = None,
-                     attempts: Optional[int] = None) -> str:
+                     attempts: Optional[int] = None, delete_stale: bool = False) -> str:
     """Upload every file under `local_dir` to `<uri>/<relative path>`; returns `uri`. Each request is
     bounded as in download_prefix.
 
     config.json goes last: a prefix that has it also has the weights (object stores have no
-    atomic rename, and readers of a HF directory look for config.json first)."""
+    atomic rename, and readers of a HF directory look for config.json first). `delete_stale`:
+    the prefix ends up holding exactly `local_dir`'s files; objects there that the upload does
+    not write (an earlier upload's shards) are deleted before config.json goes up, and where the
+    store cannot delete (see can_delete) it is a FetchError before anything is uploaded."""
     from tqdm import tqdm
 
     local_dir, uri = Path(local_dir), uri.rstrip("/")
@@ -295,15 +324,27 @@ def upload_directory(local_dir: str | os.PathLike, uri: str, progress: bool = Tr
         raise FetchError(str(local_dir), "no files to upload")
     bounds = _Bounds(timeout, attempts)
     store, prefix = _store(uri, bounds)
+    stale = []
+    if delete_stale:
+        stale = sorted(set(_list(uri, store, prefix, bounds)) - {p.relative_to(local_dir).as_posix() for p in files})
+        if stale and not can_delete(uri):
+            raise FetchError(uri, f"holds {len(stale)} object(s) this upload would not replace (e.g. {stale[0]}) "
+                                  f"and a {uri_scheme(uri)}:// store cannot delete them; remove them or choose "
+                                  "another folder")
     with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc=f"upload {uri}",
               disable=not progress) as bar:
         for p in files:
+            if stale and p.name == "config.json":  # gone before the new config.json marks the prefix complete
+                delete_names(uri, stale, timeout, attempts)
+                stale = []
             rel = p.relative_to(local_dir).as_posix()
             try:
                 store.upload_object(f"{prefix}/{rel}" if prefix else rel, str(p))
             except Exception as err:  # noqa: BLE001
                 raise FetchError(f"{uri}/{rel}", bounds.failed(store, "upload failed", err)) from None
             bar.update(p.stat().st_size)
+    if stale:  # no config.json in local_dir
+        delete_names(uri, stale, timeout, attempts)
     return uri
 
 
