@@ -8,8 +8,8 @@ are downloaded into `.<name>.fetch-partial/` beside it, which is renamed at the 
 complete directory without listing the store again, and after an interruption keeps the files that
 the partial directory already holds in full, so a killed multi-GB download resumes.
 
-Every transfer is bounded, as the data downloads are (`composer_sheared.data.remote`, whose
-defaults apply): for s3:// each request gets at most `attempts` tries of at most `timeout` seconds
+Every transfer is bounded, as the data downloads are (`composer_sheared.data.remote`; the same
+defaults, from `composer_sheared.defaults`): for s3:// each request gets at most `attempts` tries of at most `timeout` seconds
 per connect or read, and so does each part of a download whose body stops arriving (boto3's own
 retries are adaptive and unbounded in time: a stalled server would hang a launch for many minutes
 with no message). Running out is a FetchError naming the object and the bound. Other stores keep
@@ -27,6 +27,8 @@ import shutil
 import sys
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Optional
+
+from composer_sheared.defaults import DOWNLOAD_RETRY, DOWNLOAD_TIMEOUT
 
 __all__ = ["FetchError", "download_prefix", "list_names", "upload_directory", "upload_file", "is_uri", "uri_scheme",
            "store_schemes", "can_delete", "delete_names", "MANIFEST"]
@@ -65,10 +67,8 @@ class _Bounds:
     """The bound on every request of one transfer, and how it reads in an error message."""
 
     def __init__(self, timeout: Optional[float] = None, attempts: Optional[int] = None):
-        from composer_sheared.data.remote import DEFAULT_ATTEMPTS, DEFAULT_TIMEOUT
-
-        self.timeout = float(DEFAULT_TIMEOUT if timeout is None else timeout)
-        self.attempts = int(DEFAULT_ATTEMPTS if attempts is None else attempts)
+        self.timeout = float(DOWNLOAD_TIMEOUT if timeout is None else timeout)
+        self.attempts = int(DOWNLOAD_RETRY + 1 if attempts is None else attempts)
         if not self.timeout > 0:
             raise ValueError(f"timeout: expected a positive number of seconds, got {timeout}")
         if self.attempts < 1:
@@ -241,7 +241,7 @@ def download_prefix(uri: str, local_dir: str | os.PathLike, progress: bool = Tru
 
     Skips when `local_dir` already holds a complete download of `uri`. Raises FetchError when the
     prefix is empty or unreachable, when a request gets no answer in `attempts` tries of at most
-    `timeout` seconds per connect or read (s3://; defaults: composer_sheared.data.remote's), or
+    `timeout` seconds per connect or read (s3://; defaults: composer_sheared.defaults), or
     when `local_dir` exists but holds something else. The files complete before a failure stay
     in the partial directory, for a rerun to keep."""
     from tqdm import tqdm
@@ -363,16 +363,14 @@ def _positive(kind, expected: str):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from composer_sheared.data.remote import DEFAULT_ATTEMPTS, DEFAULT_TIMEOUT
-
     ap = argparse.ArgumentParser(prog="composer-sheared fetch",
                                  description="Copy an object-store prefix (s3://, gs://, oci://, azure://) to a "
                                              "local directory; a complete directory is left as it is.")
     ap.add_argument("uri", help="e.g. s3://bucket/models/Llama-2-7b-hf")
     ap.add_argument("local_dir", help="created when the download is complete")
-    ap.add_argument("--timeout", type=_positive(float, "a positive number of seconds"), default=DEFAULT_TIMEOUT,
+    ap.add_argument("--timeout", type=_positive(float, "a positive number of seconds"), default=DOWNLOAD_TIMEOUT,
                     metavar="SECONDS", help="per connect or read of one try (s3://; default %(default)g)")
-    ap.add_argument("--attempts", type=_positive(int, "an integer >= 1"), default=DEFAULT_ATTEMPTS, metavar="N",
+    ap.add_argument("--attempts", type=_positive(int, "an integer >= 1"), default=DOWNLOAD_RETRY + 1, metavar="N",
                     help="tries of each request before the fetch fails (s3://; default %(default)d)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
