@@ -1,7 +1,7 @@
 """Every default and allowed value of the method, defined once.
 
 The functional forms (apply_shearing, ShearingMasks, update_weights, kd_loss), the Composer
-adapters (ShearingPruning, Distillation, DynamicBatchLoading) and the YAML schema (config.py) all
+adapters (ShearingPruning, Distillation, DynamicBatchLoading) and the YAML schema (config/) all
 read them from here. Core: imports nothing, so the schema does not pull in Composer."""
 
 # -- pruning: masks and their schedule ---------------------------------------------------------

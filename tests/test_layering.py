@@ -5,13 +5,14 @@ import pkgutil
 import subprocess
 import sys
 
+import composer_sheared.config
 import composer_sheared.data
 import composer_sheared.distill
 import composer_sheared.pruning
 
 CORE = ["composer_sheared", "composer_sheared.shapes", "composer_sheared.defaults", "composer_sheared.eval",
         "composer_sheared.eval.domain_loss", "composer_sheared.config", "composer_sheared.storage.atomic"]
-CORE_PACKAGES = [composer_sheared.pruning, composer_sheared.data, composer_sheared.distill]
+CORE_PACKAGES = [composer_sheared.pruning, composer_sheared.data, composer_sheared.distill, composer_sheared.config]
 
 
 def _core_modules() -> list[str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 __all__ = ["main", "COMMANDS"]

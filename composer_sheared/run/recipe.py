@@ -6,7 +6,7 @@ The recipe behind `train.py` (a shim at the repository root) and `composer-shear
     python train.py yamls/demo/prune_smollm2.yaml max_duration=20ba
     python train.py yamls/prune_2.7b.yaml dry_run=true           # print the plan, exit
 
-The YAML is checked as a whole against composer_sheared/config.py before anything loads: any
+The YAML is checked as a whole against composer_sheared/config/ before anything loads: any
 problem prints `error: <key>: <what was expected>` and exits with code 2. A `pruning:` block adds
 `ShearingPruning`; a `dynamic_loading:` block adds `DynamicBatchLoading`. A NaN or infinite loss
 stops the run (exit code 1) and nothing is saved from it. At the end the model is saved as a plain
