@@ -19,8 +19,6 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
-import torch
-
 from composer_sheared.storage.atomic import atomic_directory
 from composer_sheared.pruning.importance import LAYER_METRICS
 from composer_sheared.pruning.oneshot import METHODS, method_scores, oneshot_prune
