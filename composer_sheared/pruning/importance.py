@@ -295,8 +295,7 @@ def magnitude_scores(model: nn.Module, structures: Optional[Iterable[str]] = Non
     Frobenius norms of o_proj and down_proj, the two writes to the stream)."""
     source = check_supported(model)
     wanted = _wanted(structures)
-    L, G, g, hd, H = (source.num_layers, source.num_key_value_heads, source.group_size, source.head_dim,
-                      source.num_attention_heads)
+    G, g, hd, H = source.num_key_value_heads, source.group_size, source.head_dim, source.num_attention_heads
     base = model.model
     f = lambda t: t.detach().float().cpu()  # noqa: E731
     heads, inter, layer = [], [], []
