@@ -24,14 +24,14 @@ from tests.s3 import s3  # noqa: F401  (fixture)
 FAST_UPLOAD = Path(__file__).parent / "fast_upload"  # its sitecustomize shortens Composer's upload polling
 
 
-def _train(s3, cwd, *args):  # noqa: F811
+def _train(s3, cwd, *args, rc=0):  # noqa: F811
     cwd.mkdir(parents=True, exist_ok=True)
     # a fresh working directory per run, as a new platform container: nothing local survives
     env = {**subprocess_env(), **s3.env}
     env["PYTHONPATH"] = f"{FAST_UPLOAD}{os.pathsep}{env['PYTHONPATH']}"
     r = subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, args)], cwd=cwd, env=env,
                        capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.returncode == rc, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
 
@@ -55,9 +55,23 @@ def test_checkpoints_metrics_and_hf_dir_go_to_the_bucket_and_autoresume(s3, mds,
     assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size) == (
         TARGET["num_layers"], TARGET["hidden_size"], TARGET["intermediate_size"])
 
-    # longer, in a new container: resumes at batch 2 from the bucket, and the uploaded metrics
-    # file holds both attempts
-    _train(s3, tmp_path / "c2", y, "autoresume=true", "max_duration=4ba", f"local_save_folder={tmp_path / 'stage2'}")
+    # the run's config went up beside its checkpoints; a relaunch in a new container that changes
+    # what defines the run is refused before the model loads, and writes nothing
+    s3.client.download_file("ckpt", "runs/tiny-prune/run_config.yaml", str(tmp_path / "run_config.yaml"))
+    assert OmegaConf.load(tmp_path / "run_config.yaml").seed == 17
+    before = s3.keys("ckpt", "runs/tiny-prune/")
+    r = _train(s3, tmp_path / "c1b", y, "autoresume=true", "seed=18", "max_duration=4ba",
+               f"local_save_folder={tmp_path / 'stage1b'}", rc=2)
+    assert "error: seed: 18, but the run being resumed has 17 (s3://ckpt/runs/tiny-prune/run_config.yaml)" \
+        in r.stderr, r.stderr[-2000:]
+    assert s3.keys("ckpt", "runs/tiny-prune/") == before and not (tmp_path / "stage1b" / "pruned_hf").exists()
+
+    # longer, in a new container: resumes at batch 2 from the bucket (the longer duration is a change
+    # a resume may make, and says so), and the uploaded metrics file holds both attempts
+    r = _train(s3, tmp_path / "c2", y, "autoresume=true", "max_duration=4ba",
+               f"local_save_folder={tmp_path / 'stage2'}")
+    assert "warning: resume: max_duration changed from '2ba' to '4ba'" in r.stderr, r.stderr[-2000:]
+    assert "has no run_config.yaml" not in r.stderr
     assert "runs/tiny-prune/ep0-ba4-rank0.pt" in s3.keys("ckpt", "runs/tiny-prune/")
     s3.client.download_file("ckpt", "runs/tiny-prune/metrics.jsonl", str(tmp_path / "metrics.jsonl"))
     recs = read_jsonl(tmp_path / "metrics.jsonl")
@@ -109,7 +123,7 @@ def test_uri_save_folder_stages_outputs_locally(tmp_path, mds):
 
 # an earlier run in s3://ckpt/runs/tiny-prune: a later checkpoint than the new run reaches, the
 # `latest` link to it, its metrics and a sharded HF directory (the new run writes one file)
-OLD_RUN = ["ep0-ba500-rank0.pt", "latest-rank0.pt.symlink", "metrics.jsonl", "pruned_hf/config.json",
+OLD_RUN = ["ep0-ba500-rank0.pt", "latest-rank0.pt.symlink", "metrics.jsonl", "run_config.yaml", "pruned_hf/config.json",
            "pruned_hf/model-00001-of-00002.safetensors", "pruned_hf/model.safetensors.index.json"]
 # a user's file in the folder, a folder whose name extends the HF one, and another run's folder
 NOT_OURS = ["runs/tiny-prune/notes.txt", "runs/tiny-prune/pruned_hf-old/config.json",
@@ -158,6 +172,34 @@ def test_fresh_save_overwrite_run_deletes_the_earlier_run_from_the_bucket(s3, md
                                                              "runs/tiny-prune/pruned_hf/model.safetensors"]
 
 
+def test_autoresume_compares_with_the_config_in_the_bucket(s3, mds, tmp_path):  # noqa: F811
+    from composer_sheared.config import plain
+    from composer_sheared.run.remote_save import check_remote_resume, upload_run_config
+    from composer_sheared.run.resume import write_run_config
+
+    s3.client.create_bucket(Bucket="ckpt")
+    first = _remote_cfg(tmp_path, mds, "autoresume=true")
+    assert check_remote_resume(first) == (True, [])  # an empty folder: the first attempt
+    assert upload_run_config(first, write_run_config(plain(OmegaConf.structured(first)), tmp_path / "stage")) == \
+        "s3://ckpt/runs/tiny-prune/run_config.yaml"
+    s3.client.put_object(Bucket="ckpt", Key="runs/tiny-prune/ep0-ba2-rank0.pt", Body=b"ckpt")
+
+    # a new container stages elsewhere and trains longer: changes a resume may make, returned
+    again = _remote_cfg(tmp_path, mds, "autoresume=true", "max_duration=4ba", f"local_save_folder={tmp_path / 'c2'}")
+    assert check_remote_resume(again) == (True, [("local_save_folder", str(tmp_path / "stage"), str(tmp_path / "c2")),
+                                                 ("max_duration", "2ba", "4ba")])
+    # another seed and target would continue a different run: refused, each key named
+    with pytest.raises(ConfigError) as info:
+        check_remote_resume(_remote_cfg(tmp_path, mds, "autoresume=true", "seed=18", "pruning.target.num_layers=1"))
+    assert [k for k, _ in info.value.problems] == ["pruning.target.num_layers", "seed"]
+    assert info.value.problems[1][1].startswith(
+        "18, but the run being resumed has 17 (s3://ckpt/runs/tiny-prune/run_config.yaml); a resume cannot change")
+    # a folder an older version wrote: nothing to compare with, which start_resume warns of
+    s3.client.delete_object(Bucket="ckpt", Key="runs/tiny-prune/run_config.yaml")
+    assert check_remote_resume(first) == (False, [])
+    assert check_remote_resume(_remote_cfg(tmp_path, mds)) == (True, [])  # a fresh run compares nothing
+
+
 def test_upload_outputs_deletes_hf_files_the_upload_does_not_write(s3, mds, tmp_path, monkeypatch):  # noqa: F811
     from composer.utils import S3ObjectStore
 
@@ -192,7 +234,7 @@ def test_store_without_delete_refuses_to_mix_runs(mds, tmp_path, monkeypatch):
     assert clear_previous_remote_run(cfg) == []  # nothing of an earlier run: nothing to delete
     check_fresh(cfg)
     listed += OLD_RUN
-    expected = (r"^save_folder: gs://ckpt/runs/tiny-prune holds an earlier run \(6 object\(s\), e.g. "
+    expected = (r"^save_folder: gs://ckpt/runs/tiny-prune holds an earlier run \(7 object\(s\), e.g. "
                 r"ep0-ba500-rank0.pt\) that save_overwrite=true must delete, and a gs:// store cannot delete "
                 r"objects; empty the folder")
     with pytest.raises(ConfigError, match=expected):

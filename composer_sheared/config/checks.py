@@ -305,17 +305,14 @@ def _check_load_path(errors: list, cfg: TrainConfig) -> None:
 
 def _check_resume(errors: list, cfg: TrainConfig) -> list:
     """A resume may not change what defines the run; returns the changes it may make."""
-    from composer_sheared.run.resume import RUN_CONFIG, compare, read_run_config
+    from composer_sheared.run.resume import RUN_CONFIG, compare, read_run_config, refusals
 
-    folder = resume_folder(cfg)
+    folder = resume_folder(cfg)  # local; an object-store folder is compared at the start of the run
     saved = read_run_config(folder) if folder is not None else None
     if saved is None:
         return []
     refused, changed = compare(saved, plain(OmegaConf.structured(cfg)))
-    for key, old, new in refused:
-        errors.append((key, f"{new!r}, but the run being resumed has {old!r} ({folder / RUN_CONFIG}); a resume "
-                            "cannot change what defines the run: set it back, or start a new run in another "
-                            "save_folder"))
+    errors.extend(refusals(refused, str(folder / RUN_CONFIG)))
     return changed
 
 

@@ -7,18 +7,24 @@ the end, to `<save_folder>/metrics.jsonl` and `<save_folder>/<pruned_hf or hf>/`
 in a fresh container first takes the earlier metrics back, so the uploaded file keeps the whole run.
 A fresh run with save_overwrite=true first deletes the earlier run's objects there (as
 `builders.clear_previous_run` does for a local folder), so nothing of the two runs is mixed.
+The run's config goes up as `<save_folder>/run_config.yaml` when it starts, and an autoresume
+compares against that copy (`check_remote_resume`): a relaunch in a fresh container has no local
+one, and a changed target or data mix must not continue the checkpointed run unnoticed.
 """
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 from typing import Optional
 
-from composer_sheared.config import ConfigError, TrainConfig, hf_output_dir, metrics_path
+from composer_sheared.config import ConfigError, TrainConfig, hf_output_dir, metrics_path, plain
+from composer_sheared.run.resume import RUN_CONFIG, compare, read_run_config, refusals
 from composer_sheared.storage.fetch import (FetchError, can_delete, delete_names, is_uri, list_names, upload_directory,
                                             upload_file, uri_scheme)
 
-__all__ = ["remote_folder", "check_fresh", "clear_previous_remote_run", "restore_metrics", "upload_outputs"]
+__all__ = ["remote_folder", "check_fresh", "clear_previous_remote_run", "check_remote_resume", "upload_run_config",
+           "restore_metrics", "upload_outputs"]
 
 _CHECKPOINT = re.compile(r"^(ep\d+-ba\d+-rank\d+\.pt|latest-rank\d+\.pt\.symlink)$")
 
@@ -40,10 +46,11 @@ def _listed(remote: str) -> list[str]:
 
 
 def _earlier_run(cfg: TrainConfig, remote: str) -> list[str]:
-    """The names under `remote` that this run writes too: checkpoints, `latest` links, the metrics
-    file and everything under the HF directory's prefix (named as upload_outputs names them)."""
+    """The names under `remote` that this run writes too: checkpoints, `latest` links, the run's
+    config, the metrics file and everything under the HF directory's prefix (named as
+    upload_outputs names them)."""
     metrics, hf = metrics_path(cfg), hf_output_dir(cfg).name
-    return [n for n in _listed(remote) if _CHECKPOINT.match(n) or n.startswith(f"{hf}/")
+    return [n for n in _listed(remote) if _CHECKPOINT.match(n) or n.startswith(f"{hf}/") or n == RUN_CONFIG
             or (metrics is not None and n == metrics.name)]
 
 
@@ -93,6 +100,41 @@ def clear_previous_remote_run(cfg: TrainConfig) -> list[str]:
     if not can_delete(remote):
         raise ConfigError("save_folder", _cannot_clear(remote, old))
     return delete_names(remote, old)
+
+
+def check_remote_resume(cfg: TrainConfig) -> tuple[bool, list[tuple]]:
+    """An autoresume from an object-store folder that holds checkpoints (every rank, before the
+    model loads, so every rank stops): compare this config with `<save_folder>/run_config.yaml`.
+    A key that defines the run and differs is a ConfigError naming it; returns (whether the
+    folder had a config to compare with, the changes to keys that may change)."""
+    from composer.utils import get_file
+    from omegaconf import OmegaConf
+
+    remote = remote_folder(cfg)
+    if remote is None or not cfg.autoresume or cfg.load_path or not cfg.checkpoint:
+        return True, []
+    names = _listed(remote)
+    if not any(_CHECKPOINT.match(n) for n in names):
+        return True, []  # the run's first attempt: nothing to resume
+    if RUN_CONFIG not in names:
+        return False, []
+    uri = f"{remote}/{RUN_CONFIG}"
+    with tempfile.TemporaryDirectory(prefix="run-config-") as tmp:
+        try:
+            get_file(uri, str(Path(tmp) / RUN_CONFIG), overwrite=True)
+        except Exception as err:  # noqa: BLE001 - the store's own error types
+            raise FetchError(uri, f"cannot download the resumed run's config ({type(err).__name__}: {err})") from None
+        saved = read_run_config(tmp)
+    refused, changed = compare(saved or {}, plain(OmegaConf.structured(cfg)))
+    if refused:
+        raise ConfigError(refusals(refused, uri))
+    return True, changed
+
+
+def upload_run_config(cfg: TrainConfig, local: Path) -> Optional[str]:
+    """`<save_folder>/run_config.yaml` from the staged copy (rank 0, when the run starts)."""
+    remote = remote_folder(cfg)
+    return None if remote is None else upload_file(local, f"{remote}/{RUN_CONFIG}")
 
 
 def restore_metrics(cfg: TrainConfig) -> Optional[Path]:

@@ -13,14 +13,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-__all__ = ["RUN_CONFIG", "MAY_CHANGE", "flatten", "compare", "write_run_config", "read_run_config"]
+__all__ = ["RUN_CONFIG", "MAY_CHANGE", "flatten", "compare", "refusals", "write_run_config", "read_run_config"]
 
 RUN_CONFIG = "run_config.yaml"
 
 # Keys (or key prefixes) a resumed run may change. Everything else defines the run.
 MAY_CHANGE = (
     "optimizer.lr", "max_duration", "eval_interval", "eval_first", "save_interval", "save_num_checkpoints_to_keep",
-    "save_overwrite", "autoresume", "load_path", "save_hf", "hf_save_dir", "model.hf_save_dtype",
+    "save_overwrite", "autoresume", "load_path", "save_hf", "hf_save_dir", "local_save_folder", "model.hf_save_dtype",
     "model.init_device", "model.activation_checkpointing", "loggers", "progress_bar", "speed_monitor_window",
     "dist_timeout", "python_log_level", "dry_run", "plan", "data.num_workers", "data.eval_subset_num_batches",
     "data.download_timeout", "data.download_retry",
@@ -55,6 +55,13 @@ def compare(saved: Mapping, current: Mapping, allowed: Iterable[str] = MAY_CHANG
             continue
         (changed if _may_change(key, allowed) else refused).append((key, old, new))
     return refused, changed
+
+
+def refusals(refused: Iterable[tuple[str, Any, Any]], where: str) -> list[tuple[str, str]]:
+    """ConfigError problems, one per key `compare` refused; `where` names the saved config."""
+    return [(key, f"{new!r}, but the run being resumed has {old!r} ({where}); a resume cannot change what "
+                  "defines the run: set it back, or start a new run in another save_folder")
+            for key, old, new in refused]
 
 
 def read_run_config(folder: str | os.PathLike) -> dict | None:

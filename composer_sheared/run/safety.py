@@ -2,9 +2,10 @@
 
 - ``hold_save_folder``: rank 0 holds the save folder's lock (``runlock``) for the whole run; a
   second run into it is a ConfigError naming the holder.
-- ``start_resume``: reports each change a resume may make (config validation refused the others),
-  returns the callbacks that apply them, and after the Trainer is built ``record_config`` writes
-  the config the next resume compares against (``resume``).
+- ``start_resume``: reports each change a resume may make (config validation refused the others;
+  an object-store folder's saved config is compared here, by ``remote_save``), returns the
+  callbacks that apply them, and after the Trainer is built ``record_config`` writes the config
+  the next resume compares against (``resume``).
 - ``trained_to_the_end``: a checkpoint at max_duration (killed during the final export) only needs
   the export.
 - ``no_space``: a full disk as ``NoSpaceError`` naming the file, the truncated checkpoint set aside.
@@ -57,29 +58,38 @@ def hold_save_folder(cfg: TrainConfig) -> Iterator[None]:
 def start_resume(cfg: TrainConfig, resolved: Resolved) -> list:
     """Print each change a resume makes; returns the callbacks that apply them."""
     from composer_sheared.run.checkpointing import ResumeLearningRate
+    from composer_sheared.run.remote_save import check_remote_resume, remote_folder
     from composer_sheared.run.resume import RUN_CONFIG, read_run_config
 
+    remote_saved, remote_changes = check_remote_resume(cfg)  # every rank: a refusal stops them all
+    changes = [*resolved.resume_changes, *remote_changes]
     if _rank() == 0:
-        for key, old, new in resolved.resume_changes:
+        for key, old, new in changes:
             print(f"warning: resume: {key} changed from {old!r} to {new!r}; the resumed run uses the new value",
                   file=sys.stderr, flush=True)
-        folder = resume_folder(cfg)
-        if folder is not None and read_run_config(folder) is None:
-            print(f"warning: resume: {folder} has no {RUN_CONFIG} (written by an older version); the config "
+        folder, unsaved = resume_folder(cfg), None
+        if not remote_saved:
+            unsaved = remote_folder(cfg)
+        elif folder is not None and read_run_config(folder) is None:
+            unsaved = folder
+        if unsaved is not None:
+            print(f"warning: resume: {unsaved} has no {RUN_CONFIG} (written by an older version); the config "
                   "cannot be compared with the checkpointed run's", file=sys.stderr, flush=True)
-    if any(key == "optimizer.lr" for key, _, _ in resolved.resume_changes):
+    if any(key == "optimizer.lr" for key, _, _ in changes):
         return [ResumeLearningRate(cfg.optimizer.lr)]
     return []
 
 
 def record_config(cfg: TrainConfig) -> None:
-    """The config the next resume of this run compares against (rank 0, local folders)."""
+    """The config the next resume of this run compares against (rank 0): in the save folder, or
+    staged and uploaded beside an object-store folder's checkpoints."""
     from omegaconf import OmegaConf
 
+    from composer_sheared.run.remote_save import upload_run_config
     from composer_sheared.run.resume import write_run_config
 
     if _rank() == 0 and _folder(cfg):
-        write_run_config(plain(OmegaConf.structured(cfg)), _folder(cfg))
+        upload_run_config(cfg, write_run_config(plain(OmegaConf.structured(cfg)), _folder(cfg)))
 
 
 def trained_to_the_end(state) -> bool:
