@@ -118,6 +118,28 @@ def test_source_references_are_the_models_own_losses_before_training(root):
     assert values(mem, "dbl/reference/a") == [cb.references[0]]
 
 
+def test_source_references_in_a_pruning_run_are_the_dense_sources(root):
+    # at FIT_START the masks already cut the eval model to the target shape; the references must
+    # be the source's losses (the same model without masks). On a trained source the masked loss
+    # is far above them (every excess would be negative and the weights would never move); on this
+    # random one it differs by a little, which is enough to tell the two apart
+    from composer_sheared.algorithms import ShearingPruning
+
+    dense = DynamicBatchLoading(DOMAINS, references="source", rule="paper", label_prefix="val_")
+    trainer, _, _ = make_trainer(root, dense, lr=0.0, prefix="val_", max_duration="2ba")
+    trainer.fit()
+    trainer.close()
+    target = {"hidden_size": 16, "intermediate_size": 16, "num_attention_heads": 2, "num_key_value_heads": 2}
+    pruned = DynamicBatchLoading(DOMAINS, references="source", rule="paper", label_prefix="val_")
+    trainer, _, _ = make_trainer(root, pruned, lr=0.0, prefix="val_", max_duration="2ba",
+                                 algorithms=[ShearingPruning(target, mask_init="uniform", lagrangian_warmup="1ba")])
+    trainer.fit()
+    trainer.close()
+    np.testing.assert_allclose(pruned.references, dense.references, rtol=1e-6)
+    masked = pruned.history[0]["losses"]  # the first eval: the masked model at the target shape
+    assert max(abs(m - r) for m, r in zip(masked, pruned.references)) > 1e-3, (masked, pruned.references)
+
+
 def test_missing_evaluator_label_is_an_error_before_training(root):
     # without its evaluators the weights could never move: that must stop the run, not warn
     cb = DynamicBatchLoading(DOMAINS, references=[1.0, 1.0, 1.0], rule="paper", label_prefix="nope/")

@@ -199,3 +199,27 @@ def test_mask_betas_only_for_mask_groups():
     assert [g["weight_decay"] for g in opt.param_groups][1:] == [0.0, 0.0]
     with pytest.raises(ValueError, match="SGD has no betas"):
         apply_shearing(tiny_model(), TARGET, torch.optim.SGD(model.parameters(), lr=0.1), mask_betas=(0.7, 0.999))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_lifted_masks_give_the_dense_source_then_the_masks_again(mode):
+    """What reference losses "source" are measured with inside a pruning run: the dense model."""
+    from tests.helpers import assert_differs, assert_same_function
+
+    model = tiny_model()
+    ids = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        dense = model(ids).logits
+    masks = apply_shearing(model, TARGET)
+    randomize_masks(masks)
+    masks.warmup_progress.fill_(1.0)  # the target shape in train mode too
+    model.train(mode == "train")
+    with torch.no_grad():
+        masked = model(ids).logits
+        with masks.lifted():
+            lifted = model(ids).logits
+        again = model(ids).logits
+    assert_differs(masked, dense, more_than=1e-2)
+    assert_same_function(lifted, dense, atol=1e-5)
+    assert_same_function(again, masked, atol=0.0)
+    assert get_masks(model) is masks and not masks._lifted

@@ -16,12 +16,16 @@ schedules them past the prefetch window, deterministically), and logs ``dbl/weig
 ``dbl/excess/<domain>`` and ``dbl/loss/<domain>``. Weights, references and history are in the
 callback's ``state_dict`` so a checkpoint restores them.
 
-``references="source"`` means the model's own per-domain loss before training: measured at
-``FIT_START`` by running the domain evaluators once (``source_at="fit_start"``), or taken from
-the first regular evaluation (``source_at="first_eval"``, which then makes no update).
+``references="source"`` means the source model's own per-domain loss before training: measured at
+``FIT_START`` by running the domain evaluators once (``source_at="fit_start"``), with any pruning
+masks lifted, so a pruning run compares against the dense source and not against its model at
+the initial masks (already cut to the target shape in eval, and far worse: every excess would be
+negative and the weights would never move); or taken from the first regular evaluation
+(``source_at="first_eval"``, which then makes no update, and in a pruning run is the masked model's).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import warnings
@@ -34,6 +38,7 @@ from composer.loggers import Logger
 
 from composer_sheared.data.mixing import RULES, excess_losses, update_weights
 from composer_sheared.defaults import ETA, RULE, SMOOTHING
+from composer_sheared.pruning.masks import ShearingMasks
 
 __all__ = ["DynamicBatchLoading", "check_references", "update_weights"]
 
@@ -200,7 +205,8 @@ class DynamicBatchLoading(Callback):
 
     @torch.no_grad()
     def _measure_losses(self, state: State) -> list[float]:
-        """Run each domain evaluator once with the current model (for references='source')."""
+        """Run each domain evaluator once with the source function: the current model with any
+        pruning masks lifted (for references='source')."""
         from composer.core.precision import get_precision_context
 
         evaluators = {ev.label: ev for ev in state.evaluators}
@@ -209,29 +215,34 @@ class DynamicBatchLoading(Callback):
         was_training = model.training
         model.eval()
         losses = []
-        try:
-            for label in self.labels or self.resolve_labels(list(evaluators)):
-                if label not in evaluators:
-                    raise ValueError(f"references='source' needs an evaluator labelled {label!r}; "
-                                     f"have {sorted(evaluators)}")
-                template = state.eval_metrics.get(label, {}).get(self.metric_name)
-                if template is None:
-                    raise ValueError(f"evaluator {label!r} has no metric {self.metric_name!r}")
-                metric = copy.deepcopy(template)
-                metric.reset()
-                ev = evaluators[label]
-                limit = ev.subset_num_batches if ev.subset_num_batches and ev.subset_num_batches > 0 else None
-                for i, batch in enumerate(ev.dataloader.dataloader):
-                    if limit is not None and i >= limit:
-                        break
-                    batch = state.device.batch_to_device(batch)
-                    with get_precision_context(state.precision, state.precision_config):
-                        outputs = original.eval_forward(batch, None)
-                    original.update_metric(batch, outputs, metric)
-                losses.append(float(metric.compute()))
-        finally:
-            model.train(was_training)
+        with contextlib.ExitStack() as lifted:
+            for masks in [m for m in model.modules() if isinstance(m, ShearingMasks)]:
+                lifted.enter_context(masks.lifted())
+            try:
+                for label in self.labels or self.resolve_labels(list(evaluators)):
+                    losses.append(self._domain_loss(state, original, evaluators, label, get_precision_context))
+            finally:
+                model.train(was_training)
         return losses
+
+    def _domain_loss(self, state: State, original, evaluators: dict, label: str, precision_context) -> float:
+        if label not in evaluators:
+            raise ValueError(f"references='source' needs an evaluator labelled {label!r}; have {sorted(evaluators)}")
+        template = state.eval_metrics.get(label, {}).get(self.metric_name)
+        if template is None:
+            raise ValueError(f"evaluator {label!r} has no metric {self.metric_name!r}")
+        metric = copy.deepcopy(template)
+        metric.reset()
+        ev = evaluators[label]
+        limit = ev.subset_num_batches if ev.subset_num_batches and ev.subset_num_batches > 0 else None
+        for i, batch in enumerate(ev.dataloader.dataloader):
+            if limit is not None and i >= limit:
+                break
+            batch = state.device.batch_to_device(batch)
+            with precision_context(state.precision, state.precision_config):
+                outputs = original.eval_forward(batch, None)
+            original.update_metric(batch, outputs, metric)
+        return float(metric.compute())
 
     # -- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -13,7 +13,9 @@ every checkpoint of the model carries them. No Composer here.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -126,6 +128,7 @@ class ShearingMasks(nn.Module):
         # does not recompile when it changes. Derived from the step, so not checkpointed.
         self.register_buffer("warmup_progress", torch.zeros(()), persistent=False)
         self.current: dict[str, torch.Tensor | None] = {}
+        self._lifted = False  # see lifted()
         self.last_lagrangian: torch.Tensor | None = None
         self.last_stats: dict[str, torch.Tensor] = {}
         self.noise_key: tuple[int, ...] | None = None  # see set_noise_key
@@ -229,9 +232,24 @@ class ShearingMasks(nn.Module):
         shifts = self.row_shifts()
         return {n: la + shifts[n][..., None].to(la.dtype) for n, la in self.log_alpha.items()}
 
+    @contextlib.contextmanager
+    def lifted(self) -> Iterator["ShearingMasks"]:
+        """Every gate 1 for the block: the model computes the dense source function. Nothing is
+        detached or re-registered (unlike `apply.unmasked`), so it is safe inside a wrapped or
+        sharded model; the source's own losses (reference losses "source") are measured this way."""
+        was, self._lifted = self._lifted, True
+        try:
+            yield self
+        finally:
+            self._lifted = was
+
     def forward(self) -> dict[str, torch.Tensor | None]:
         """Draw this forward pass's gates (train) or the deterministic ones (eval) and derive the
         per-layer multipliers the model hooks read. In training also computes the Lagrangian."""
+        if self._lifted:
+            self.current = self._multipliers({n: torch.ones_like(la, dtype=torch.float32)
+                                              for n, la in self.log_alpha.items()})
+            return self.current
         if self.training:
             eff = self.effective_log_alpha()
             if self.train_gates == "smooth":
