@@ -207,8 +207,6 @@ class DynamicBatchLoading(Callback):
     def _measure_losses(self, state: State) -> list[float]:
         """Run each domain evaluator once with the source function: the current model with any
         pruning masks lifted (for references='source')."""
-        from composer.core.precision import get_precision_context
-
         evaluators = {ev.label: ev for ev in state.evaluators}
         model = state.model
         original = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -220,12 +218,14 @@ class DynamicBatchLoading(Callback):
                 lifted.enter_context(masks.lifted())
             try:
                 for label in self.labels or self.resolve_labels(list(evaluators)):
-                    losses.append(self._domain_loss(state, original, evaluators, label, get_precision_context))
+                    losses.append(self._domain_loss(state, original, evaluators, label))
             finally:
                 model.train(was_training)
         return losses
 
-    def _domain_loss(self, state: State, original, evaluators: dict, label: str, precision_context) -> float:
+    def _domain_loss(self, state: State, original, evaluators: dict, label: str) -> float:
+        from composer.core.precision import get_precision_context
+
         if label not in evaluators:
             raise ValueError(f"references='source' needs an evaluator labelled {label!r}; have {sorted(evaluators)}")
         template = state.eval_metrics.get(label, {}).get(self.metric_name)
@@ -239,7 +239,7 @@ class DynamicBatchLoading(Callback):
             if limit is not None and i >= limit:
                 break
             batch = state.device.batch_to_device(batch)
-            with precision_context(state.precision, state.precision_config):
+            with get_precision_context(state.precision, state.precision_config):
                 outputs = original.eval_forward(batch, None)
             original.update_metric(batch, outputs, metric)
         return float(metric.compute())
